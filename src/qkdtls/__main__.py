@@ -1,0 +1,5 @@
+import sys
+
+from qkdtls.cli.main import main
+
+sys.exit(main())

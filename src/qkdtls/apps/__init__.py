@@ -1,0 +1,1 @@
+"""Applications over TLS-QKD: the two-site demo, HTTPS, the video call and the handshake benchmark."""

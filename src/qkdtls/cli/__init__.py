@@ -1,0 +1,1 @@
+"""The ``qkdtls`` command line."""

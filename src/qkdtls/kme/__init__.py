@@ -1,0 +1,1 @@
+"""The Key Management Entity: ETSI GS QKD 014 REST API, key store, key folders, inter-KME synchronisation."""
