@@ -118,25 +118,34 @@ class Status:
     def from_json(cls, doc: Any) -> Status:
         if not isinstance(doc, dict):
             raise BadRequest("Status must be a JSON object")
+        for name in _STATUS_IDS + _STATUS_INTS:
+            if name not in doc:
+                raise BadRequest(f"Status lacks {name}")
+        ids: dict[str, Any] = {}
+        for name in _STATUS_IDS:
+            value = doc[name]
+            # IDs are strings on the wire; a JSON number is tolerated, anything else is not an ID.
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise BadRequest(f"{name} must be a string")
+            ids[name] = str(value)
+        # Strict integers: int() would also take 256.7, "256" or a float infinity (OverflowError).
+        ints = {name: _int_field(doc, name, minimum=0) for name in _STATUS_INTS}
         try:
-            return cls(
-                source_KME_ID=str(doc["source_KME_ID"]),
-                target_KME_ID=str(doc["target_KME_ID"]),
-                master_SAE_ID=str(doc["master_SAE_ID"]),
-                slave_SAE_ID=str(doc["slave_SAE_ID"]),
-                key_size=int(doc["key_size"]),
-                stored_key_count=int(doc["stored_key_count"]),
-                max_key_count=int(doc["max_key_count"]),
-                max_key_per_request=int(doc["max_key_per_request"]),
-                max_key_size=int(doc["max_key_size"]),
-                min_key_size=int(doc["min_key_size"]),
-                max_SAE_ID_count=int(doc["max_SAE_ID_count"]),
-                status_extension=_optional_object(doc, "status_extension"),
-            )
-        except KeyError as exc:
-            raise BadRequest(f"Status lacks {exc.args[0]}") from None
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"Status is malformed: {exc}") from None
+            return cls(**ids, **ints, status_extension=_optional_object(doc, "status_extension"))
+        except ValueError as exc:
+            raise BadRequest(f"Status is inconsistent: {exc}") from None
+
+
+_STATUS_IDS = ("source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")
+_STATUS_INTS = (
+    "key_size",
+    "stored_key_count",
+    "max_key_count",
+    "max_key_per_request",
+    "max_key_size",
+    "min_key_size",
+    "max_SAE_ID_count",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,103 @@
+"""Who is calling: the client certificate of a mutual-TLS connection mapped to an SAE, an admin or a KME.
+
+The TLS layer has already verified the chain against the configured CA(s); this module only recognises the
+verified certificate by its serial number or by the SHA-256 fingerprint of its DER encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from aiohttp import web
+from cryptography import x509
+
+from qkdtls.kme.config import CertIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    serial: int
+    fingerprint: bytes
+
+
+@lru_cache(maxsize=1024)
+def _parse(der: bytes) -> PeerCertificate | None:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return PeerCertificate(serial=cert.serial_number, fingerprint=hashlib.sha256(der).digest())
+
+
+def peer_certificate(request: web.BaseRequest) -> PeerCertificate | None:
+    """The verified client certificate of the request's connection, or None when the client sent none."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return _parse(der) if der else None
+
+
+T = TypeVar("T")
+
+
+class IdentityMap(Generic[T]):
+    """Maps a certificate to a principal (an SAE ID, a KME ID, an administrator name).
+
+    A certificate matches an identity when every attribute the identity names (serial, fingerprint) matches.
+    """
+
+    def __init__(self, entries: Iterable[tuple[CertIdentity, T]]) -> None:
+        self._by_serial: dict[int, list[tuple[CertIdentity, T]]] = {}
+        self._by_fingerprint: dict[bytes, list[tuple[CertIdentity, T]]] = {}
+        for identity, principal in entries:
+            if identity.fingerprint is not None:
+                self._by_fingerprint.setdefault(identity.fingerprint, []).append((identity, principal))
+            elif identity.serial is not None:
+                self._by_serial.setdefault(identity.serial, []).append((identity, principal))
+
+    def lookup(self, cert: PeerCertificate | None) -> T | None:
+        if cert is None:
+            return None
+        for identity, principal in self._by_fingerprint.get(cert.fingerprint, ()):
+            if identity.serial is None or identity.serial == cert.serial:
+                return principal
+        for _identity, principal in self._by_serial.get(cert.serial, ()):
+            return principal
+        return None
+
+
+def server_context(
+    cert: Path, key: Path, client_cas: Iterable[Path], *, require_client_cert: bool
+) -> ssl.SSLContext:
+    """TLS 1.2+ server context asking for a client certificate.
+
+    The SAE interface uses CERT_OPTIONAL: a client without a certificate completes the handshake and gets a
+    JSON 401 (what ETSI clients can report), while a certificate from an unknown CA or an expired one still
+    fails the handshake. The inter-KME interface requires a certificate (CERT_REQUIRED).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    for ca in client_cas:
+        ctx.load_verify_locations(cafile=str(ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    # Session tickets would let a client resume without re-presenting its certificate chain; the peer cert
+    # is still available on resumption in OpenSSL, but disabling them keeps identity checks simple.
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """TLS client context presenting ``cert`` and trusting only ``ca`` for the server."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx

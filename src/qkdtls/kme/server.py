@@ -1,0 +1,262 @@
+"""One KME process: the SAE and inter-KME listeners, the key-folder ingestor and the reservation sweeper.
+
+:class:`KmeServer` is usable in-process (tests bind port 0 and read the bound ports back) and by
+``qkdtls kme serve``, which runs it until SIGTERM/SIGINT and then shuts down cleanly: listeners stop
+accepting, in-flight requests finish (bounded), background tasks are cancelled, the store is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+
+from qkdtls.kme.auth import IdentityMap, server_context
+from qkdtls.kme.config import CertIdentity, KmeConfig
+from qkdtls.kme.ingest import Ingestor, LinkFolder
+from qkdtls.kme.metrics import KmeMetrics
+from qkdtls.kme.peers import HttpPeerGateway, InterKmeApi
+from qkdtls.kme.routes import AccessLogger, SaeApi
+from qkdtls.kme.service import KmeService
+from qkdtls.kme.store import open_store
+
+log = logging.getLogger("qkdtls.kme.server")
+
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class _TlsSite(web.TCPSite):
+    """A TCPSite whose TLS handshakes have a deadline (asyncio's default is 60 s)."""
+
+    __slots__ = ("_handshake_timeout",)
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=512, reuse_address=True)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        # Same as TCPSite.start, plus the handshake deadline; each handshake runs in its own task.
+        self._runner._reg_site(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+def _identities(pairs: list[tuple[CertIdentity | None, object]]) -> list[tuple[CertIdentity, object]]:
+    return [(identity, who) for identity, who in pairs if identity is not None]
+
+
+class KmeServer:
+    def __init__(self, config: KmeConfig) -> None:
+        self.config = config
+        self.service: KmeService | None = None
+        self.metrics = KmeMetrics(config.kme_id) if config.metrics else None
+        self._gateway: HttpPeerGateway | None = None
+        self._runners: list[web.AppRunner] = []
+        self._sites: dict[str, _TlsSite] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store = None
+
+    @property
+    def sae_port(self) -> int:
+        return self._sites["sae"].port
+
+    @property
+    def inter_kme_port(self) -> int | None:
+        site = self._sites.get("inter_kme")
+        return site.port if site is not None else None
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, cfg: KmeConfig) -> None:
+        self._store = open_store(cfg.store_url)
+        self._gateway = HttpPeerGateway(cfg.peers) if cfg.peers else None
+        linked = [p.kme_id for p in cfg.peers] + ([cfg.kme_id] if cfg.local_link else [])
+        self.service = KmeService(cfg.service, self._store, cfg.sae_entries(), self._gateway, linked)
+
+        folders = [LinkFolder(p.kme_id, p.folder, p.delete_after_import) for p in cfg.peers]
+        if cfg.local_link is not None:
+            folders.append(LinkFolder(cfg.kme_id, cfg.local_link.folder, cfg.local_link.delete_after_import))
+        ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size)
+        # Import what is already there before answering SAEs, so a fresh KME does not report an empty stock.
+        imported = await ingestor.scan()
+        log.info("key folders imported", extra={"event": "ingest.startup", "bytes": imported})
+
+        saes = IdentityMap(_identities([(s.identity, s.sae_id) for s in cfg.saes]))
+        admins = IdentityMap(_identities([(a.identity, a.name) for a in cfg.admins]))
+        sae_api = SaeApi(
+            cfg.kme_id,
+            self.service,
+            saes,
+            admins,
+            self.metrics,  # type: ignore[arg-type]
+            max_body_bytes=cfg.sae_interface.max_body_bytes,
+        )
+        listen = cfg.sae_interface.listen
+        await self._listen(
+            "sae",
+            sae_api.app(),
+            listen.host,
+            listen.port,
+            server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=False),
+            cfg.sae_interface.handshake_timeout,
+        )
+        if cfg.inter_kme is not None:
+            peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers])
+            inter_api = InterKmeApi(self.service, peers, self.metrics)
+            listen = cfg.inter_kme.listen
+            await self._listen(
+                "inter_kme",
+                inter_api.app(),
+                listen.host,
+                listen.port,
+                server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=True),
+                cfg.inter_kme.handshake_timeout,
+            )
+
+        self._tasks.append(asyncio.create_task(self._run_ingestor(ingestor), name="kme-ingest"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="kme-sweeper"))
+        log.info(
+            "KME started",
+            extra={
+                "event": "kme.started",
+                "KME_ID": cfg.kme_id,
+                "nickname": cfg.nickname,
+                "sae_port": self.sae_port,
+                "inter_kme_port": self.inter_kme_port,
+            },
+        )
+
+    async def _listen(
+        self,
+        name: str,
+        app: web.Application,
+        host: str,
+        port: int,
+        ctx: ssl.SSLContext,
+        handshake_timeout: float,
+    ) -> None:
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger(f"qkdtls.kme.access.{name}"),
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            handle_signals=False,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = _TlsSite(runner, host, port, ssl_context=ctx, handshake_timeout=handshake_timeout)
+        await site.start()
+        self._sites[name] = site
+
+    async def _run_ingestor(self, ingestor: Ingestor) -> None:
+        try:
+            await ingestor.run(self.config.ingest_interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("key folder ingestor stopped", extra={"event": "ingest.failed"})
+
+    async def _sweep(self) -> None:
+        assert self.service is not None
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                expired = await self.service.expire_reservations()
+            except Exception:
+                log.exception("reservation sweep failed", extra={"event": "sweep.failed"})
+                continue
+            if expired:
+                if self.metrics is not None:
+                    self.metrics.keys_expired.inc(expired)
+                log.info("reservations expired", extra={"event": "key.expired", "count": expired})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        self._sites.clear()
+        if self._gateway is not None:
+            await self._gateway.close()
+            self._gateway = None
+        if self.service is not None:
+            try:
+                await self.service.close()
+            except Exception:
+                log.exception("closing the key service failed", extra={"event": "kme.close_failed"})
+            self.service = None
+        elif self._store is not None and hasattr(self._store, "close"):
+            with contextlib.suppress(Exception):
+                result = self._store.close()
+                if asyncio.iscoroutine(result):
+                    await result
+        self._store = None
+
+
+async def serve(config: KmeConfig, *, ready_file: Path | None = None) -> None:
+    """Run a KME until SIGTERM or SIGINT."""
+    server = KmeServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        if ready_file is not None:
+            _write_ready(ready_file, server)
+        await stop.wait()
+        log.info("KME stopping", extra={"event": "kme.stopping", "KME_ID": config.kme_id})
+    finally:
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _write_ready(path: Path, server: KmeServer) -> None:
+    """Tell a supervisor (the testbed) the bound ports; written atomically so it never reads half a file."""
+    doc = {
+        "pid": os.getpid(),
+        "kme_id": server.config.kme_id,
+        "sae_port": server.sae_port,
+        "inter_kme_port": server.inter_kme_port,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)

@@ -1,0 +1,452 @@
+"""KmeService: the ETSI GS QKD 014 key logic of one KME, without HTTP.
+
+Lifecycle of a cross-KME key (docs/design.md): the master KME holds blocks of its own direction, asks the
+peer to reserve them (the peer commits before answering), then deletes them and answers. The two directions
+of a link use disjoint blocks, so concurrent masters on both sides never draw the same block.
+
+Crash safety: a hold lives only as long as the process that made it. A restarted SQLite store frees every
+held block (one process owns the file); PostgreSQL frees holds older than ``stale_hold_after``. Freeing is
+safe because blocks the peer had already taken are refused by the peer the next time they are offered
+(``PeerRejected``) and this service then burns them: a block reaches at most one SAE pair. A key is answered
+to the master only after its blocks are deleted here and recorded at the peer, so a crash never delivers a
+key twice nor forgets a reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from qkdtls.etsi014.models import (
+    MSG_EXT_MANDATORY_UNSUPPORTED,
+    MSG_KEYS_NOT_FOUND,
+    MSG_SIZE_MULTIPLE_OF_8,
+    BadRequest,
+    Key,
+    KeyContainer,
+    KeyRequest,
+    SaeInfo,
+    Status,
+    parse_key_id,
+)
+from qkdtls.kme import entropy
+from qkdtls.kme.errors import (
+    BadRequestError,
+    BlocksTakenError,
+    PeerRejected,
+    UnauthorizedError,
+    UnavailableError,
+)
+from qkdtls.kme.keyid import key_id_factory
+from qkdtls.kme.reservation import Reservation, ReservedKey
+from qkdtls.kme.store import (
+    Block,
+    BlocksTaken,
+    KeysNotFound,
+    KeyStore,
+    LostHold,
+    NewKeySpec,
+    NotASlave,
+    ShortStock,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    kme_id: int
+    key_size: int = 256
+    min_key_size: int = 64
+    max_key_size: int = 8192
+    max_key_per_request: int = 128
+    max_key_count: int = 1_000_000_000
+    max_SAE_ID_count: int = 8
+    block_size: int = 32
+    reservation_ttl: float = 600.0
+    key_id_mode: str = "random"  # or "reference"
+    # Upper bound on one peer reservation, on top of the gateway's own timeouts.
+    peer_timeout: float = 10.0
+    # Holds older than this belong to a dead process (must exceed peer_timeout by far).
+    stale_hold_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        key_id_factory(self.key_id_mode)
+        if self.key_size % 8 or not 8 <= self.min_key_size <= self.key_size <= self.max_key_size:
+            raise ValueError("need 8 <= min_key_size <= key_size <= max_key_size, key_size a multiple of 8")
+        if self.block_size <= 0 or self.max_key_per_request <= 0 or self.max_SAE_ID_count < 0:
+            raise ValueError("block_size and max_key_per_request must be positive")
+        if self.stale_hold_after <= self.peer_timeout:
+            raise ValueError("stale_hold_after must exceed peer_timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class SaeEntry:
+    sae_id: int
+    kme_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReport:
+    peer_kme_id: int
+    direction_blocks: dict[int, int]
+    stock_bytes: int
+    reserved_keys: int
+    entropy_bits_per_byte: float
+    imported_bytes: int
+
+
+class PeerGateway(Protocol):
+    async def reserve(self, peer_kme_id: int, reservation: Reservation) -> None: ...
+
+
+def _parse_sae_id(text: str, what: str) -> int:
+    if not isinstance(text, str) or not 1 <= len(text) <= 20:
+        raise BadRequestError(f"{what} must be a 64-bit integer")
+    body = text[1:] if text[:1] in "+-" else text
+    if not body.isascii() or not body.isdigit():
+        raise BadRequestError(f"{what} must be a 64-bit integer")
+    value = int(text)
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise BadRequestError(f"{what} must be a 64-bit integer")
+    return value
+
+
+class KmeService:
+    """All key decisions of one KME. Callers (the HTTP layer) pass already-authenticated SAE/KME IDs."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        store: KeyStore,
+        saes: Mapping[int, SaeEntry],
+        peers: PeerGateway | None,
+        linked_kmes: Collection[int],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.saes = dict(saes)
+        self.peers = peers
+        # The local link (pairs of SAEs on this KME) always exists; its stock may be empty.
+        self.links = frozenset(linked_kmes) | {settings.kme_id}
+        self._make_id = key_id_factory(settings.key_id_mode)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _caller(self, caller_sae: int) -> SaeEntry:
+        entry = self.saes.get(caller_sae)
+        if entry is None or entry.kme_id != self.settings.kme_id:
+            raise UnauthorizedError(f"SAE {caller_sae} is not registered at this KME")
+        return entry
+
+    def _known_sae(self, text: str, what: str) -> SaeEntry:
+        sae_id = _parse_sae_id(text, what)
+        entry = self.saes.get(sae_id)
+        if entry is None:
+            raise BadRequestError(f"{what} {sae_id} is unknown")
+        return entry
+
+    def _link_to(self, kme_id: int) -> int:
+        if kme_id not in self.links:
+            raise BadRequestError(f"KME {kme_id} has no QKD link with this KME")
+        return kme_id
+
+    def direction_of(self, master_kme: int, link: int) -> int:
+        """Direction a master KME draws on a link: the lower KME ID owns 0; the local link uses 0 only."""
+        if link == master_kme:
+            return 0
+        return 0 if master_kme < link else 1
+
+    def _blocks_per_key(self, size_bits: int) -> int:
+        return math.ceil(size_bits / 8 / self.settings.block_size)
+
+    def _check_size(self, size: int) -> None:
+        s = self.settings
+        if size % 8:
+            raise BadRequestError(MSG_SIZE_MULTIPLE_OF_8)
+        if not s.min_key_size <= size <= s.max_key_size:
+            raise BadRequestError(f"size must be between {s.min_key_size} and {s.max_key_size} bits")
+
+    # -- SAE interface --------------------------------------------------------------------------------------
+
+    async def status(self, caller_sae: int, slave_sae: str) -> Status:
+        s = self.settings
+        self._caller(caller_sae)
+        slave = self._known_sae(slave_sae, "slave SAE ID")
+        link = self._link_to(slave.kme_id)
+        try:
+            free = await self.store.free_blocks(link, self.direction_of(s.kme_id, link))
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
+        return Status(
+            source_KME_ID=str(s.kme_id),
+            target_KME_ID=str(slave.kme_id),
+            master_SAE_ID=str(caller_sae),
+            slave_SAE_ID=str(slave.sae_id),
+            key_size=s.key_size,
+            stored_key_count=min(max(free, 0) // self._blocks_per_key(s.key_size), s.max_key_count),
+            max_key_count=s.max_key_count,
+            max_key_per_request=s.max_key_per_request,
+            max_key_size=s.max_key_size,
+            min_key_size=s.min_key_size,
+            max_SAE_ID_count=s.max_SAE_ID_count,
+        )
+
+    def _slaves(self, primary: SaeEntry, additional: Sequence[str]) -> tuple[int, ...]:
+        s = self.settings
+        if len(additional) > s.max_SAE_ID_count:
+            raise BadRequestError(f"at most {s.max_SAE_ID_count} additional_slave_SAE_IDs are allowed")
+        slaves = [primary.sae_id]
+        for text in additional:
+            entry = self._known_sae(str(text), "additional slave SAE ID")
+            if entry.kme_id != primary.kme_id:
+                raise BadRequestError("all slave SAEs of one request must belong to the same KME")
+            if entry.sae_id not in slaves:
+                slaves.append(entry.sae_id)
+        return tuple(slaves)
+
+    async def enc_keys(self, caller_sae: int, slave_sae: str, request: KeyRequest) -> KeyContainer:
+        s = self.settings
+        self._caller(caller_sae)
+        slave = self._known_sae(slave_sae, "slave SAE ID")
+        number = 1 if request.number is None else request.number
+        size = s.key_size if request.size is None else request.size
+        if request.extension_mandatory:
+            names = sorted({name for ext in request.extension_mandatory for name in ext})
+            raise BadRequestError(MSG_EXT_MANDATORY_UNSUPPORTED, [{"unsupported": names}])
+        self._check_size(size)
+        if not 1 <= number <= s.max_key_per_request:
+            raise BadRequestError(f"number must be between 1 and {s.max_key_per_request}")
+        slaves = self._slaves(slave, request.additional_slave_SAE_IDs)
+        link = self._link_to(slave.kme_id)
+        bpk = self._blocks_per_key(size)
+        expires_at = time.time() + s.reservation_ttl
+        if link == s.kme_id:
+            try:
+                stored = await self.store.take_local(
+                    link, number, bpk, size, self._make_id, caller_sae, slaves, expires_at
+                )
+            except ShortStock:
+                raise UnavailableError("not enough key material for this SAE pair") from None
+            except StoreError as exc:
+                log.warning(
+                    "local keys failed", extra={"event": "key.failed", "link": link, "error": str(exc)}
+                )
+                raise UnavailableError("key store unavailable") from None
+            keys = [Key(key_ID=k.key_id, key=k.data) for k in stored]
+        else:
+            keys = await self._enc_cross(caller_sae, slaves, link, number, size, bpk)
+        log.info(
+            "keys delivered to master",
+            extra={
+                "event": "key.delivered",
+                "link": link,
+                "master_SAE_ID": caller_sae,
+                "slave_SAE_IDs": list(slaves),
+                "size": size,
+                "key_IDs": [k.key_ID for k in keys],
+            },
+        )
+        return KeyContainer(keys=tuple(keys))
+
+    async def _enc_cross(
+        self, master: int, slaves: tuple[int, ...], link: int, number: int, size: int, bpk: int
+    ) -> list[Key]:
+        s = self.settings
+        if self.peers is None:
+            raise UnavailableError(f"no connection to KME {link} is configured")
+        direction = self.direction_of(s.kme_id, link)
+        try:
+            held = await self.store.hold_blocks(link, direction, number * bpk)
+        except ShortStock:
+            raise UnavailableError("not enough key material for this SAE pair") from None
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
+        seqs = [b.seq for b in held]
+        try:
+            keys = self._build_keys(held, number, bpk, size)
+            reservation = Reservation(
+                master_KME_ID=s.kme_id,
+                direction=direction,
+                master_SAE_ID=master,
+                slave_SAE_IDs=slaves,
+                size=size,
+                keys=tuple(
+                    ReservedKey(k.key_ID, tuple(seqs[i * bpk : (i + 1) * bpk])) for i, k in enumerate(keys)
+                ),
+            )
+            try:
+                async with asyncio.timeout(s.peer_timeout):
+                    await self.peers.reserve(link, reservation)
+            except PeerRejected:
+                burnt = await self.store.burn_held(link, seqs)
+                log.warning(
+                    "peer refused blocks; burnt",
+                    extra={"event": "blocks.burnt", "link": link, "blocks": burnt, "first_seq": seqs[0]},
+                )
+                raise UnavailableError(f"KME {link} refused the key reservation; retry") from None
+            except Exception as exc:  # PeerUnavailable, timeouts, anything the gateway let through
+                await self.store.release_blocks(link, seqs)
+                log.warning(
+                    "peer reservation failed; blocks released",
+                    extra={"event": "blocks.released", "link": link, "blocks": len(seqs), "error": repr(exc)},
+                )
+                raise UnavailableError(f"KME {link} is unavailable") from None
+            try:
+                await self.store.consume_held(link, seqs)
+            except LostHold:
+                raise UnavailableError("key reservation timed out locally; retry") from None
+            return keys
+        except BaseException:
+            # Cancelled or failed after holding: give back whatever is still ours. Shielded so that a
+            # cancelled request still completes the release.
+            try:
+                await asyncio.shield(self.store.release_blocks(link, seqs))
+            except Exception:
+                pass  # store down: stale-hold recovery frees them later
+            raise
+
+    def _build_keys(self, held: Sequence[Block], number: int, bpk: int, size: int) -> list[Key]:
+        nbytes = size // 8
+        keys = []
+        for i in range(number):
+            material = b"".join(b.data for b in held[i * bpk : (i + 1) * bpk])[:nbytes]
+            keys.append(Key(key_ID=self._make_id(material), key=material))
+        return keys
+
+    async def dec_keys(self, caller_sae: int, master_sae: str, key_ids: Sequence[str]) -> KeyContainer:
+        s = self.settings
+        self._caller(caller_sae)
+        master = self._known_sae(master_sae, "master SAE ID")
+        if not key_ids:
+            raise BadRequestError("key_IDs must name at least one key")
+        if len(key_ids) > s.max_key_per_request:
+            raise BadRequestError(f"at most {s.max_key_per_request} key IDs per request")
+        try:
+            ids = [parse_key_id(k) for k in key_ids]
+        except BadRequest as exc:
+            raise BadRequestError(exc.message) from None
+        try:
+            stored = await self.store.collect(master.sae_id, caller_sae, ids)
+        except NotASlave:
+            raise UnauthorizedError(f"SAE {caller_sae} is not a slave of these keys") from None
+        except KeysNotFound:
+            raise BadRequestError(MSG_KEYS_NOT_FOUND) from None
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
+        log.info(
+            "keys collected by slave",
+            extra={
+                "event": "key.collected",
+                "master_SAE_ID": master.sae_id,
+                "slave_SAE_ID": caller_sae,
+                "key_IDs": ids,
+            },
+        )
+        return KeyContainer(keys=tuple(Key(key_ID=k.key_id, key=k.data) for k in stored))
+
+    def sae_info(self, caller_sae: int) -> SaeInfo:
+        entry = self._caller(caller_sae)
+        return SaeInfo(SAE_ID=entry.sae_id, KME_ID=entry.kme_id)
+
+    # -- inter-KME interface --------------------------------------------------------------------------------
+
+    async def accept_reservation(self, caller_kme: int, reservation: Reservation) -> None:
+        s = self.settings
+        r = reservation
+        if caller_kme == s.kme_id or caller_kme not in self.links or r.master_KME_ID != caller_kme:
+            raise UnauthorizedError(f"KME {caller_kme} may not reserve keys on this KME")
+        link = caller_kme  # this KME files the link under the peer's ID
+        expected = self.direction_of(caller_kme, s.kme_id)
+        if r.direction != expected:
+            raise BadRequestError(f"KME {caller_kme} draws only direction {expected}")
+        master = self.saes.get(r.master_SAE_ID)
+        if master is None or master.kme_id != caller_kme:
+            raise BadRequestError(f"master SAE {r.master_SAE_ID} does not belong to KME {caller_kme}")
+        if len(set(r.slave_SAE_IDs)) != len(r.slave_SAE_IDs) or len(r.slave_SAE_IDs) > 1 + s.max_SAE_ID_count:
+            raise BadRequestError("slave_SAE_IDs must be distinct and within max_SAE_ID_count")
+        for sae in r.slave_SAE_IDs:
+            entry = self.saes.get(sae)
+            if entry is None or entry.kme_id != s.kme_id:
+                raise BadRequestError(f"slave SAE {sae} does not belong to this KME")
+        self._check_size(r.size)
+        if len(r.keys) > s.max_key_per_request:
+            raise BadRequestError(f"at most {s.max_key_per_request} keys per reservation")
+        bpk = self._blocks_per_key(r.size)
+        for k in r.keys:
+            if len(k.blocks) != bpk or any(seq % 2 != r.direction for seq in k.blocks):
+                raise BadRequestError(f"each key needs {bpk} blocks of direction {r.direction}")
+        try:
+            await self.store.take_reserved(
+                link,
+                r.direction,
+                [NewKeySpec(k.key_ID, k.blocks) for k in r.keys],
+                r.master_SAE_ID,
+                r.slave_SAE_IDs,
+                r.size,
+                time.time() + s.reservation_ttl,
+            )
+        except BlocksTaken as exc:
+            log.warning(
+                "reservation refused",
+                extra={"event": "reservation.refused", "link": link, "reason": str(exc)},
+            )
+            raise BlocksTakenError("one or more blocks of the reservation are not available") from None
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
+        log.info(
+            "keys reserved for slaves",
+            extra={
+                "event": "key.reserved",
+                "link": link,
+                "master_SAE_ID": r.master_SAE_ID,
+                "slave_SAE_IDs": list(r.slave_SAE_IDs),
+                "size": r.size,
+                "key_IDs": [k.key_ID for k in r.keys],
+            },
+        )
+
+    # -- housekeeping ---------------------------------------------------------------------------------------
+
+    async def link_reports(self) -> list[LinkReport]:
+        reports = []
+        for link in sorted(self.links):
+            stats = await self.store.link_stats(link)
+            free = sum(max(n, 0) for n in stats.free_blocks.values())
+            reports.append(
+                LinkReport(
+                    peer_kme_id=link,
+                    direction_blocks=dict(stats.free_blocks),
+                    stock_bytes=free * self.settings.block_size,
+                    reserved_keys=stats.reserved_keys,
+                    entropy_bits_per_byte=entropy.shannon_entropy(stats.histogram),
+                    imported_bytes=stats.imported_bytes,
+                )
+            )
+        return reports
+
+    async def expire_reservations(self) -> int:
+        """Delete reserved keys past their TTL and free holds of dead processes; returns keys expired."""
+        now = time.time()
+        expired = await self.store.expire(now)
+        if expired:
+            log.info(
+                "reserved keys expired",
+                extra={"event": "key.expired", "count": len(expired), "key_IDs": [k for _, k in expired]},
+            )
+        freed = await self.store.release_stale_holds(now - self.settings.stale_hold_after)
+        if freed:
+            log.warning("stale holds released", extra={"event": "blocks.released", "blocks": freed})
+        return len(expired)
+
+    async def close(self) -> None:
+        """Close the store (the service owns it from construction on)."""
+        await self.store.close()

@@ -1,0 +1,584 @@
+"""asyncio streams over TLS-QKD: ``open_connection`` / ``start_server`` like :mod:`asyncio`'s.
+
+A protocol on the plain TCP transport drives the connection (:class:`~qkdtls.net.session.Session`) and shows
+the application an ordinary transport, so ``StreamReader``/``StreamWriter`` (and any ``asyncio.Protocol``)
+work unchanged. asyncio's own TLS transport is not used: in Python 3.11 it drops fatal alerts on handshake
+failure (CPython gh-98078). KME calls are blocking HTTPS requests, so they run in a worker thread while the
+connection stops reading; the event loop never waits for a KME. Each connection has its own handshake
+deadline, so an idle or hostile peer never holds up another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from qkdtls.net.context import QKDContext
+from qkdtls.net.errors import (
+    QKDError,
+    QKDHandshakeError,
+    QKDHandshakeTimeout,
+    QKDKeyUnavailable,
+    QKDPolicyError,
+)
+from qkdtls.net.session import Session
+from qkdtls.tls.events import (
+    ApplicationData,
+    ConnectionClosed,
+    ConnectionInfo,
+    HandshakeComplete,
+    NeedQkdKey,
+    NeedRekeyKey,
+    QkdRekeyed,
+)
+
+log = logging.getLogger(__name__)
+
+ClientConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+_STREAM_LIMIT = 2**16
+
+
+class QKDTransport(asyncio.Transport):
+    """What the application writes to: plaintext in, TLS records out on the TCP transport."""
+
+    def __init__(self, proto: _TLSProtocol) -> None:
+        super().__init__()
+        self._proto = proto
+        self._closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        proto = self._proto
+        info = proto.session.info if proto.session is not None else None
+        if name == "qkd":
+            return info
+        if name == "cipher" and info is not None:
+            return (info.cipher, info.version, 128 if "AES_128" in info.cipher else 256)
+        if name == "peercert" and info is not None:
+            return info.peer_certificate
+        if name == "handshake_seconds":
+            return proto.handshake_seconds
+        if name == "qkd_rekeys":
+            return tuple(proto.rekeyed_key_ids)
+        return proto.raw.get_extra_info(name, default) if proto.raw is not None else default
+
+    def is_closing(self) -> bool:
+        return self._closing or (self._proto.raw is None or self._proto.raw.is_closing())
+
+    def close(self) -> None:
+        """Send close_notify, then close TCP once the buffer is flushed."""
+        if self._closing:
+            return
+        self._closing = True
+        self._proto.close_notify()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._proto.raw is not None:
+            self._proto.raw.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            raise RuntimeError("write() after close()")
+        self._proto.send(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has no half-close on the TCP level; close() sends close_notify
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS transports cannot write EOF; use close()")
+
+    def pause_reading(self) -> None:
+        self._proto.app_paused = True
+        self._proto.update_reading()
+
+    def resume_reading(self) -> None:
+        self._proto.app_paused = False
+        self._proto.update_reading()
+
+    def is_reading(self) -> bool:
+        return not self._proto.app_paused
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._proto.raw is not None:
+            self._proto.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._proto.raw.get_write_buffer_size() if self._proto.raw is not None else 0
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._proto.app_protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._proto.app_protocol  # type: ignore[return-value]
+
+
+class _TLSProtocol(asyncio.Protocol):
+    """Drives one TLS-QKD connection on a TCP transport (client or server side)."""
+
+    def __init__(
+        self,
+        context: QKDContext,
+        *,
+        server_side: bool,
+        handshake_timeout: float,
+        on_established: Callable[[_TLSProtocol], None],
+        on_failed: Callable[[BaseException], None],
+        server_hostname: str | None = None,
+        target_sae_id: int | None = None,
+    ) -> None:
+        self.context = context
+        self.server_side = server_side
+        self.server_hostname = server_hostname
+        self.target_sae_id = target_sae_id
+        self._handshake_timeout = handshake_timeout
+        self._on_established = on_established
+        self._on_failed = on_failed
+        self.raw: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.app_transport = QKDTransport(self)
+        self.app_protocol: asyncio.Protocol | None = None
+        self.app_paused = False
+        self.handshake_seconds: float | None = None
+        self.rekeyed_key_ids: list[str] = []
+        self._loop = asyncio.get_running_loop()
+        self._started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._backlog: list[bytes] = []  # input that arrived while a KME call was running
+        self._kme_busy = False
+        self._app_pending: list[Any] = []  # data/EOF that came before the application protocol was attached
+        self._failed: BaseException | None = None
+        self._done = False  # handshake finished (either way)
+        self._peer: tuple[str | None, int | None] = (None, None)
+        self._offered = False
+        self._bytes_since_rekey = 0
+        self._rekeyed_at = 0.0
+        self._rekeying = False
+        self._rekey_disabled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- TCP side ------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.raw = transport
+        self._started = time.monotonic()
+        self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_expired)
+        if self.server_side:
+            from qkdtls.tls.server import TLSServer
+
+            self.session = Session(
+                TLSServer(self.context.server_config()), classic_context=self.context.classic_context()
+            )
+        else:
+            self._spawn(self._start_client())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A defect in a KME step must still end the connection visibly, never leave it hanging.
+            log.error("TLS-QKD connection step failed", exc_info=exc, extra={"event": "tls.internal_error"})
+            self._fail(exc)
+
+    async def _start_client(self) -> None:
+        from qkdtls.tls.client import TLSClient
+
+        assert self.raw is not None
+        peer = self.raw.get_extra_info("peername")
+        host = self.server_hostname or (peer[0] if peer else None)
+        port = peer[1] if peer else None
+        self._peer = (host, port)
+        self._kme_busy = True
+        try:
+            offer = await asyncio.to_thread(self.context.client_offer, host, port, self.target_sae_id)
+        except QKDError as exc:
+            self._fail(exc)
+            return
+        finally:
+            self._kme_busy = False
+        if self._done:
+            return  # timed out while the KME answered
+        if offer is not None:
+            self._offered = True
+            if self.target_sae_id is None:
+                self.target_sae_id = self.context.resolve_target(host, port)
+        self.session = Session(TLSClient(self.context.client_config(), self.server_hostname, offer))
+        try:
+            self.session.start()
+        except QKDError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+        self._drain_backlog()
+
+    def data_received(self, data: bytes) -> None:
+        if self._kme_busy or self.session is None:
+            self._backlog.append(data)
+            self.update_reading()
+            return
+        self._feed(data)
+
+    def eof_received(self) -> bool:
+        self.data_received(b"")
+        return True  # we close TCP ourselves once close_notify went out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if not self._done:
+            self._fail(exc or QKDHandshakeError("connection closed during the TLS handshake"))
+            return
+        app = self.app_protocol
+        if app is not None:
+            app.connection_lost(exc if self._failed is None else self._failed_as_exception())
+        self.app_transport._closing = True
+
+    def _failed_as_exception(self) -> Exception | None:
+        return self._failed if isinstance(self._failed, Exception) else None
+
+    def pause_writing(self) -> None:
+        if self.app_protocol is not None:
+            self.app_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app_protocol is not None:
+            self.app_protocol.resume_writing()
+
+    def update_reading(self) -> None:
+        """Read from TCP unless a KME call is running or the application paused us."""
+        raw = self.raw
+        if raw is None or raw.is_closing():
+            return
+        want = not (self._kme_busy or self.app_paused)
+        if want and not raw.is_reading():
+            raw.resume_reading()
+        elif not want and raw.is_reading():
+            raw.pause_reading()
+
+    # -- engine --------------------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            session.receive_data(data)
+        except QKDError as exc:
+            self._flush()
+            self._fail(exc)
+            return
+        self._process()
+
+    def _process(self) -> None:
+        session = self.session
+        assert session is not None
+        while not self._kme_busy:
+            event = session.next_event()
+            if event is None:
+                break
+            if isinstance(event, NeedQkdKey):
+                self._kme_call(
+                    self.context.keys.collect, session.provide_qkd_key, event.master_sae_id, event.key_id
+                )
+            elif isinstance(event, NeedRekeyKey):
+                self._kme_call(
+                    self.context.keys.collect, session.provide_rekey_key, event.master_sae_id, event.key_id
+                )
+            elif isinstance(event, HandshakeComplete):
+                self._established(event.info)
+            elif isinstance(event, ApplicationData):
+                self._bytes_since_rekey += len(event.data)
+                self._to_app(("data", event.data))
+            elif isinstance(event, ConnectionClosed):
+                self._to_app(("eof", None))
+            elif isinstance(event, QkdRekeyed):
+                self._rekeying = False
+                self.rekeyed_key_ids.append(event.key_id)
+                log.info("QKD rekey complete", extra={"event": "tls.qkd_rekeyed", "key_ID": event.key_id})
+        self._flush()
+        self._maybe_rekey()
+
+    def _kme_call(self, fetch: Callable[..., Any], provide: Callable[[Any], None], *args: Any) -> None:
+        self._kme_busy = True
+        self.update_reading()
+
+        async def run() -> None:
+            try:
+                result = await asyncio.to_thread(fetch, *args)
+                provide(result)
+            except QKDError as exc:
+                self._flush()
+                self._fail(exc)
+                return
+            finally:
+                self._kme_busy = False
+            self.update_reading()
+            self._process()
+            self._drain_backlog()
+
+        self._spawn(run())
+
+    def _drain_backlog(self) -> None:
+        while self._backlog and not self._kme_busy and self.session is not None and self._failed is None:
+            self._feed(self._backlog.pop(0))
+        self.update_reading()
+
+    def _flush(self) -> None:
+        if self.session is None or self.raw is None or self.raw.is_closing():
+            return
+        out = self.session.data_to_send()
+        if out:
+            self.raw.write(out)
+
+    def _established(self, info: ConnectionInfo) -> None:
+        self._done = True
+        self.handshake_seconds = time.monotonic() - self._started
+        self._rekeyed_at = time.monotonic()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.server_side:
+            self.context.note_outcome(*self._peer, self._offered, info.mode)
+        log.info(
+            "TLS handshake complete",
+            extra={
+                "event": "tls.handshake",
+                "mode": info.mode,
+                "profile": info.profile,
+                "key_ID": info.key_id,
+                "cipher": info.cipher,
+                "ms": round(self.handshake_seconds * 1000, 3),
+            },
+        )
+        self._on_established(self)
+
+    def _handshake_expired(self) -> None:
+        if not self._done:
+            self._fail(QKDHandshakeTimeout(f"TLS handshake not complete after {self._handshake_timeout:g} s"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is not None:
+            return
+        self._failed = exc
+        if (
+            not self.server_side
+            and self._offered
+            and isinstance(exc, QKDPolicyError)
+            and not exc.sent_by_peer
+        ):
+            self.context.note_outcome(*self._peer, True, "classic")
+        if self.raw is not None:
+            self.raw.close()  # what is buffered (the alert) still goes out
+        if not self._done:
+            self._done = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._on_failed(exc)
+
+    # -- application side ----------------------------------------------------------------------------------
+
+    def attach(self, app_protocol: asyncio.Protocol) -> None:
+        self.app_protocol = app_protocol
+        app_protocol.connection_made(self.app_transport)
+        pending, self._app_pending = self._app_pending, []
+        for item in pending:
+            self._to_app(item)
+
+    def _to_app(self, item: tuple[str, bytes | None]) -> None:
+        app = self.app_protocol
+        if app is None:
+            self._app_pending.append(item)
+            return
+        kind, data = item
+        if kind == "data":
+            assert data is not None
+            app.data_received(data)
+        elif not app.eof_received():
+            self.app_transport.close()
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        session = self.session
+        if session is None or not session.established:
+            raise RuntimeError("write() before the TLS handshake completed")
+        if self._failed is not None:
+            return  # like asyncio transports: writes after a failure are dropped, connection_lost says why
+        session.send_data(bytes(data))
+        self._flush()
+        self._bytes_since_rekey += len(data)
+        self._maybe_rekey()
+
+    def close_notify(self) -> None:
+        if self.session is not None and self.session.established and self._failed is None:
+            self.session.close()
+            self._flush()
+        if self.raw is not None:
+            self.raw.close()
+
+    # -- QKD rekey (client) --------------------------------------------------------------------------------
+
+    def _maybe_rekey(self) -> None:
+        ctx = self.context
+        if self.server_side or self._rekeying or self._rekey_disabled or not self._done or self._failed:
+            return
+        by_bytes = ctx.rekey_after_bytes is not None and self._bytes_since_rekey >= ctx.rekey_after_bytes
+        by_time = (
+            ctx.rekey_after_seconds is not None
+            and time.monotonic() - self._rekeyed_at >= ctx.rekey_after_seconds
+        )
+        if not (by_bytes or by_time):
+            return
+        if self.session is None or not self.session.can_rekey or self.target_sae_id is None:
+            self._rekey_disabled = True
+            return
+        self._rekeying = True  # until the server's acknowledgement (QkdRekeyed)
+        self._bytes_since_rekey = 0
+        self._rekeyed_at = time.monotonic()
+        self._spawn(self._rekey(self.target_sae_id))
+
+    async def _rekey(self, target: int) -> None:
+        try:
+            offer = await asyncio.to_thread(self.context.rekey_offer, target)
+        except QKDKeyUnavailable as exc:
+            log.warning(
+                "QKD rekey postponed: no key", extra={"event": "tls.rekey_postponed", "reason": str(exc)}
+            )
+            self._rekeying = False
+            return
+        session = self.session
+        if session is None or self._failed is not None or self.raw is None or self.raw.is_closing():
+            return
+        try:
+            session.rekey(offer)
+        except QKDError as exc:
+            self._flush()
+            self._fail(exc)
+            return
+        log.info("QKD rekey started", extra={"event": "tls.rekey", "key_ID": offer.key_id})
+        self._flush()
+
+
+def _default_server_hostname(host: str | None) -> str | None:
+    if host is None:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    context: QKDContext,
+    server_hostname: str | None = None,
+    target_sae_id: int | None = None,
+    ssl_handshake_timeout: float | None = None,
+    limit: int = _STREAM_LIMIT,
+    **kwargs: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect, run the TLS-QKD handshake (bounded), and return streams; raises :class:`QKDError` on failure.
+
+    ``server_hostname`` defaults to ``host`` when it is a name (SNI and certificate check); the target SAE ID
+    is explicit or looked up in the context's directory.
+    """
+    if context.purpose != "client":
+        raise ValueError("open_connection needs a client context")
+    loop = asyncio.get_running_loop()
+    timeout = ssl_handshake_timeout or context.handshake_timeout
+    waiter: asyncio.Future[_TLSProtocol] = loop.create_future()
+
+    def established(proto: _TLSProtocol) -> None:
+        if not waiter.done():
+            waiter.set_result(proto)
+
+    def failed(exc: BaseException) -> None:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+    def factory() -> _TLSProtocol:
+        return _TLSProtocol(
+            context,
+            server_side=False,
+            handshake_timeout=timeout,
+            on_established=established,
+            on_failed=failed,
+            server_hostname=server_hostname
+            if server_hostname is not None
+            else _default_server_hostname(host),
+            target_sae_id=target_sae_id,
+        )
+
+    raw, _ = await asyncio.wait_for(loop.create_connection(factory, host, port, **kwargs), timeout)
+    try:
+        # The protocol enforces the deadline itself; this outer bound only guards against a lost callback.
+        proto = await asyncio.wait_for(waiter, timeout + 1.0)
+    except BaseException:
+        raw.abort()
+        raise
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    stream_proto = asyncio.StreamReaderProtocol(reader, loop=loop)
+    proto.attach(stream_proto)
+    writer = asyncio.StreamWriter(proto.app_transport, stream_proto, reader, loop)
+    return reader, writer
+
+
+async def start_server(
+    client_connected_cb: ClientConnectedCallback,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    context: QKDContext,
+    ssl_handshake_timeout: float | None = None,
+    limit: int = _STREAM_LIMIT,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """Serve TLS-QKD (and classic TLS 1.3 per policy); ``client_connected_cb`` runs after each handshake.
+
+    Handshakes run concurrently, each with its own deadline; failures are logged and the peer gets the alert.
+    ``writer.get_extra_info("qkd")`` is the :class:`~qkdtls.tls.events.ConnectionInfo`.
+    """
+    if context.purpose != "server":
+        raise ValueError("start_server needs a server context")
+    loop = asyncio.get_running_loop()
+    timeout = ssl_handshake_timeout or context.handshake_timeout
+
+    def established(proto: _TLSProtocol) -> None:
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        proto.attach(asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop))  # type: ignore[arg-type]
+
+    def failed(exc: BaseException) -> None:
+        extra: dict[str, Any] = {"event": "tls.handshake_failed", "reason": str(exc)}
+        if isinstance(exc, QKDHandshakeError):
+            extra["alert"] = exc.alert_name
+        log.info("TLS handshake failed", extra=extra)
+
+    def factory() -> _TLSProtocol:
+        return _TLSProtocol(
+            context, server_side=True, handshake_timeout=timeout, on_established=established, on_failed=failed
+        )
+
+    return await loop.create_server(factory, host, port, **kwargs)
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = 2.0) -> None:
+    """Close a stream (close_notify) and wait, bounded, until the transport is gone."""
+    writer.close()
+    with contextlib.suppress(OSError, QKDError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), timeout)

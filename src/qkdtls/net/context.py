@@ -1,0 +1,308 @@
+"""QKDContext: the TLS-QKD counterpart of :class:`ssl.SSLContext`.
+
+A context holds what is shared by many connections: certificates, trust, the QKD policy and profiles, the
+SAE's KME client (kept-alive connections, optional prefetch pool), the host → SAE directory, the memory of
+servers that refused QKD, and the rekey limits. It builds the sans-I/O engines (``client_config()``,
+``server_config()``) and wraps sockets the way ``SSLContext.wrap_socket`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from qkdtls.etsi014.client import KmeClient, KmeClientError, KmeClientSettings
+from qkdtls.net.directory import SaeDirectory
+from qkdtls.net.errors import QKDConfigurationError, QKDKeyUnavailable
+from qkdtls.net.qkd_keys import KeySource, NonQkdPeers
+from qkdtls.tls.config import QKD_POLICIES, QKD_PROFILES, ClientConfig, QkdOffer, ServerConfig
+
+if TYPE_CHECKING:
+    from qkdtls.net.socket import QKDSocket
+
+log = logging.getLogger(__name__)
+
+Purpose = Literal["client", "server"]
+
+
+def _load_certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise QKDConfigurationError(f"cannot read certificates from {path}: {exc.strerror}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise QKDConfigurationError(f"{path} holds no PEM certificate") from None
+    return certs
+
+
+def _load_private_key(path: Path) -> Any:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise QKDConfigurationError(f"cannot read private key {path}: {exc.strerror}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        # The key bytes stay out of the message; the path is enough to find the problem.
+        raise QKDConfigurationError(f"{path} is not an unencrypted PEM private key") from None
+
+
+class QKDContext:
+    """Settings shared by TLS-QKD connections (client or server side)."""
+
+    def __init__(
+        self,
+        purpose: Purpose,
+        *,
+        kme: KmeClientSettings | KmeClient | None = None,
+        qkd: str = "preferred",
+        profiles: Sequence[str] = ("secure",),
+        certfile: Path | str | None = None,
+        keyfile: Path | str | None = None,
+        cafile: Path | str | None = None,
+        check_hostname: bool = True,
+        alpn_protocols: Sequence[str] = (),
+        sae_directory: Mapping[str, int] | Path | str | None = None,
+        prefetch: int = 0,
+        rekey_after_bytes: int | None = None,
+        rekey_after_seconds: float | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        if purpose not in ("client", "server"):
+            raise ValueError("purpose must be 'client' or 'server'")
+        if qkd not in QKD_POLICIES:
+            raise ValueError(f"qkd must be one of {', '.join(QKD_POLICIES)}")
+        profiles = tuple(profiles)
+        if not profiles or any(p not in QKD_PROFILES for p in profiles):
+            raise ValueError(f"profiles must be a non-empty subset of {', '.join(QKD_PROFILES)}")
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        if rekey_after_bytes is not None and rekey_after_bytes <= 0:
+            raise ValueError("rekey_after_bytes must be positive")
+        if rekey_after_seconds is not None and rekey_after_seconds <= 0:
+            raise ValueError("rekey_after_seconds must be positive")
+        self.purpose: Purpose = purpose
+        self.qkd = qkd
+        self.profiles: tuple[str, ...] = profiles
+        self.check_hostname = check_hostname
+        self.verify = True
+        self.alpn_protocols: tuple[str, ...] = tuple(alpn_protocols)
+        self.directory = SaeDirectory.coerce(sae_directory)
+        self.rekey_after_bytes = rekey_after_bytes
+        self.rekey_after_seconds = rekey_after_seconds
+        self.handshake_timeout = handshake_timeout
+        self.non_qkd_peers = NonQkdPeers()
+        self._certificate_chain: list[x509.Certificate] = []
+        self._private_key: Any = None
+        self._certfile: Path | None = None
+        self._keyfile: Path | None = None
+        self._trust: list[x509.Certificate] | None = None
+        self._cafile: Path | None = None
+        self._classic_context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+        self._owns_kme = False
+        self.keys = KeySource(self._make_kme(kme, prefetch))
+        if certfile is not None:
+            self.load_cert_chain(certfile, keyfile)
+        if cafile is not None:
+            self.load_verify_locations(cafile)
+
+    def _make_kme(self, kme: KmeClientSettings | KmeClient | None, prefetch: int) -> KmeClient | None:
+        if kme is None:
+            if self.qkd == "required":
+                raise QKDConfigurationError("qkd='required' needs a KME: pass kme=KmeClientSettings(...)")
+            return None
+        if isinstance(kme, KmeClientSettings):
+            if prefetch and self.purpose == "client":
+                kme = dataclasses.replace(kme, prefetch=prefetch)
+            try:
+                client = KmeClient(kme)
+            except (KmeClientError, ValueError) as exc:
+                raise QKDConfigurationError(f"KME client settings unusable: {exc}") from None
+            self._owns_kme = True
+            return client
+        return kme
+
+    def __repr__(self) -> str:
+        return (
+            f"QKDContext({self.purpose!r}, qkd={self.qkd!r}, profiles={self.profiles!r}, "
+            f"kme={'yes' if self.keys.kme is not None else 'no'})"
+        )
+
+    # -- certificates ------------------------------------------------------------------------------------
+
+    def load_cert_chain(self, certfile: Path | str, keyfile: Path | str | None = None) -> None:
+        """This side's chain (leaf first) and private key (in ``certfile`` when ``keyfile`` is None)."""
+        chain = _load_certificates(Path(certfile))
+        key = _load_private_key(Path(keyfile if keyfile is not None else certfile))
+        with self._lock:
+            self._certificate_chain, self._private_key = chain, key
+            self._certfile, self._keyfile = Path(certfile), Path(keyfile if keyfile is not None else certfile)
+            self._classic_context = None
+
+    def load_verify_locations(self, cafile: Path | str) -> None:
+        """Trust anchors: servers (client side) or client certificates (server side) must chain to them."""
+        certs = _load_certificates(Path(cafile))
+        with self._lock:
+            self._trust = [*(self._trust or []), *certs]
+            self._cafile = Path(cafile)
+            self._classic_context = None
+
+    # -- engine configuration ----------------------------------------------------------------------------
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            trust=list(self._trust) if self._trust is not None else None,
+            check_hostname=self.check_hostname,
+            verify=self.verify,
+            alpn_protocols=self.alpn_protocols,
+            certificate_chain=tuple(self._certificate_chain),
+            private_key=self._private_key,
+            qkd=self.qkd,
+            qkd_profiles=self.profiles,
+            rekey=True,
+        )
+
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(
+            certificate_chain=tuple(self._certificate_chain),
+            private_key=self._private_key,
+            qkd=self.qkd,
+            qkd_profiles=self.profiles,
+            alpn_protocols=self.alpn_protocols,
+            client_trust=list(self._trust) if self._trust is not None else None,
+            rekey=True,
+        )
+
+    def classic_context(self) -> ssl.SSLContext | None:
+        """The OpenSSL context that serves classic clients after a hand-off (server side; None: no cert)."""
+        with self._lock:
+            if self._classic_context is None and self._certfile is not None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                # The project offers TLS 1.3 keyed by QKD; its classic fallback stays on the same version.
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                ctx.load_cert_chain(self._certfile, self._keyfile)
+                if self.alpn_protocols:
+                    ctx.set_alpn_protocols(list(self.alpn_protocols))
+                if self._cafile is not None:
+                    ctx.load_verify_locations(self._cafile)
+                    ctx.verify_mode = ssl.CERT_REQUIRED
+                self._classic_context = ctx
+            return self._classic_context
+
+    # -- client-side key decisions -----------------------------------------------------------------------
+
+    def resolve_target(self, host: str | None, port: int | None, explicit: int | None = None) -> int | None:
+        if explicit is not None:
+            return explicit
+        return self.directory.resolve(host, port)
+
+    def client_offer(
+        self, host: str | None, port: int | None, target_sae_id: int | None = None
+    ) -> QkdOffer | None:
+        """The QKD key to offer to ``host:port``, or None for a classic ClientHello.
+
+        ``preferred`` falls back (with a log line) when the KME fails or the target is unknown; ``required``
+        raises :class:`QKDKeyUnavailable` / :class:`QKDConfigurationError` instead.
+        """
+        if self.qkd == "off":
+            return None
+        peer = (host or "", port or 0)
+        if peer in self.non_qkd_peers:
+            if self.qkd == "required":
+                raise QKDConfigurationError(
+                    f"{host}:{port} refused TLS-QKD recently; no key spent "
+                    "(call context.forget_non_qkd() to retry)"
+                )
+            log.info(
+                "server known not to speak TLS-QKD: classic handshake",
+                extra={"event": "tls.skip_qkd", "peer": f"{host}:{port}"},
+            )
+            return None
+        target = self.resolve_target(host, port, target_sae_id)
+        if target is None:
+            if self.qkd == "required":
+                raise QKDConfigurationError(
+                    f"no SAE ID for {host}:{port}: pass target_sae_id= or add it to the SAE directory"
+                )
+            log.info(
+                "no SAE ID known for the server: classic handshake",
+                extra={"event": "tls.no_target_sae", "peer": f"{host}:{port}"},
+            )
+            return None
+        if self.keys.kme is None:
+            return None
+        try:
+            return self.keys.offer(target, self.profiles)
+        except QKDKeyUnavailable as exc:
+            if self.qkd == "required":
+                raise
+            log.warning(
+                "KME failed; falling back to classic TLS 1.3",
+                extra={"event": "tls.qkd_fallback", "peer": f"{host}:{port}", "reason": str(exc)},
+            )
+            return None
+
+    def rekey_offer(self, target_sae_id: int) -> QkdOffer:
+        """A fresh key for an in-connection QKD rekey (secure profile only)."""
+        return self.keys.offer(target_sae_id, ("secure",))
+
+    def note_outcome(self, host: str | None, port: int | None, offered: bool, mode: str | None) -> None:
+        """Remember servers that answered a QKD offer classically, so no further keys are spent on them."""
+        if offered and mode != "qkd" and host:
+            self.non_qkd_peers.remember(host, port or 0)
+            log.warning(
+                "server did not accept the QKD key; it will not be offered keys for a while",
+                extra={"event": "tls.peer_not_qkd", "peer": f"{host}:{port}"},
+            )
+
+    def forget_non_qkd(self, host: str | None = None, port: int | None = None) -> None:
+        self.non_qkd_peers.forget(host, port)
+
+    # -- sockets -----------------------------------------------------------------------------------------
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        target_sae_id: int | None = None,
+        do_handshake_on_connect: bool = True,
+    ) -> QKDSocket:
+        """A :class:`QKDSocket` over ``sock`` (which it takes over); the handshake runs now if connected."""
+        from qkdtls.net.socket import QKDSocket
+
+        if server_side != (self.purpose == "server"):
+            raise ValueError(
+                f"a {self.purpose} context cannot wrap a {'server' if server_side else 'client'} socket"
+            )
+        return QKDSocket(
+            sock,
+            context=self,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            target_sae_id=target_sae_id,
+            do_handshake_on_connect=do_handshake_on_connect,
+        )
+
+    def close(self) -> None:
+        """Close the KME client if this context created it."""
+        if self._owns_kme and self.keys.kme is not None:
+            self.keys.kme.close()
+
+    def __enter__(self) -> QKDContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

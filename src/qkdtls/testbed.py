@@ -1,0 +1,442 @@
+"""A two-site QKD testbed on loopback: PKI, configuration files, key folders and two KME processes.
+
+Site A runs KME 1 with SAEs 1001 and 1002, site B runs KME 2 with SAE 2001 (by default). KME 1 and KME 2
+share a QKD link whose two key folders receive byte-identical files; each KME also has a local link for SAE
+pairs on the same site. The KMEs run as subprocesses (``qkdtls kme serve``) so they can be killed
+and restarted like real ones. Everything listens on 127.0.0.1 only.
+
+    with Testbed.create(tmp_path) as tb:
+        cert, key, ca = tb.sae_credentials(1001)
+        url = tb.sae_url(1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkdtls.pki import PkiLayout, ZoneSpec, build_testbed_pki
+
+DEFAULT_SAES: Mapping[int, Sequence[int]] = {1: (1001, 1002), 2: (2001,)}
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+LOOPBACK = "127.0.0.1"
+
+
+class TestbedError(RuntimeError):
+    """The testbed could not be built or a KME did not start; the message includes the KME's log tail."""
+
+    __test__ = False  # not a pytest test class
+
+
+def free_port() -> int:
+    """A currently free TCP port on loopback (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_str(value: str | Path) -> str:
+    # A JSON string is a valid TOML basic string for the characters paths and URLs contain.
+    return json.dumps(str(value))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return _toml_str(value)
+
+
+@dataclass
+class KmeProcess:
+    kme_id: int
+    config: Path
+    ready_file: Path
+    log: Path
+    sae_port: int
+    inter_kme_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.running and self.proc is not None else None
+
+
+@dataclass
+class _LinkFolders:
+    folders: tuple[Path, ...]  # identical files go to every folder
+    sequence: int = 0
+
+
+@dataclass
+class Testbed:
+    __test__ = False  # not a pytest test class
+
+    root: Path
+    pki: PkiLayout
+    kmes: dict[int, KmeProcess]
+    sae_kme: dict[int, int]  # SAE ID -> KME ID
+    links: dict[tuple[int, int], _LinkFolders] = field(default_factory=dict)
+    verbosity: int = 0
+
+    # --- building ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        *,
+        store: str | Mapping[int, str] = "sqlite",
+        saes: Mapping[int, Sequence[int]] = DEFAULT_SAES,
+        initial_key_bytes: int = 1 << 20,
+        local_key_bytes: int | None = None,
+        block_size: int = 32,
+        service: Mapping[str, Any] | None = None,
+        delete_after_import: bool = False,
+        peer_timeout: float = 3.0,
+        sweep_interval: float = 1.0,
+        ingest_interval: float = 0.2,
+        key_type: str = "ec-p256",
+        verbosity: int = 0,
+    ) -> Testbed:
+        """Write PKI, configs and key folders under ``root`` (nothing runs until :meth:`start`).
+
+        ``store``: "sqlite" (a file per KME), "memory" (in-memory SQLite: lost on restart) or a mapping
+        KME ID -> store URL (e.g. two PostgreSQL databases). ``service``: extra ``[service]`` settings such
+        as ``max_key_per_request`` or ``reservation_ttl``. ``local_key_bytes`` defaults to
+        ``initial_key_bytes``.
+        """
+        root = Path(root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        if sorted(saes) != [1, 2]:
+            raise TestbedError("the testbed has exactly two KMEs, IDs 1 and 2")
+        specs = [ZoneSpec(kme_id=k, saes={s: 0x5AE0_0000_0000 + s for s in ids}) for k, ids in saes.items()]
+        pki = build_testbed_pki(root / "pki", specs, key_type=key_type)
+
+        kmes: dict[int, KmeProcess] = {}
+        for kme_id in saes:
+            kmes[kme_id] = KmeProcess(
+                kme_id=kme_id,
+                config=root / f"kme{kme_id}.toml",
+                ready_file=root / f"kme{kme_id}.ready.json",
+                log=root / f"kme{kme_id}.log",
+                sae_port=free_port(),
+                inter_kme_port=free_port(),
+            )
+        bed = cls(
+            root=root,
+            pki=pki,
+            kmes=kmes,
+            sae_kme={s: k for k, ids in saes.items() for s in ids},
+            verbosity=verbosity,
+        )
+
+        keys = root / "keys"
+        bed.links[(1, 2)] = _LinkFolders((keys / "kme1" / "link-2", keys / "kme2" / "link-1"))
+        bed.links[(1, 1)] = _LinkFolders((keys / "kme1" / "local",))
+        bed.links[(2, 2)] = _LinkFolders((keys / "kme2" / "local",))
+        for link in bed.links.values():
+            for folder in link.folders:
+                folder.mkdir(parents=True, exist_ok=True)
+
+        for kme_id, proc in kmes.items():
+            if isinstance(store, Mapping):
+                url = store[kme_id]
+            elif store == "memory":
+                url = "sqlite://:memory:"
+            elif store == "sqlite":
+                url = f"sqlite:///{root / f'kme{kme_id}.sqlite3'}"
+            else:
+                raise TestbedError(f"unknown store {store!r}: use 'sqlite', 'memory' or a mapping of URLs")
+            proc.config.write_text(
+                bed._config_text(
+                    kme_id,
+                    url,
+                    block_size,
+                    service or {},
+                    delete_after_import,
+                    peer_timeout,
+                    sweep_interval,
+                    ingest_interval,
+                )
+            )
+
+        if initial_key_bytes:
+            bed.add_key_material(initial_key_bytes)
+        local = initial_key_bytes if local_key_bytes is None else local_key_bytes
+        if local:
+            bed.add_key_material(local, link=(1, 1))
+            bed.add_key_material(local, link=(2, 2))
+        return bed
+
+    def _config_text(
+        self,
+        kme_id: int,
+        store_url: str,
+        block_size: int,
+        service: Mapping[str, Any],
+        delete_after_import: bool,
+        peer_timeout: float,
+        sweep_interval: float,
+        ingest_interval: float,
+    ) -> str:
+        zone = self.pki.zones[kme_id]
+        me = self.kmes[kme_id]
+        other = 2 if kme_id == 1 else 1
+        peer_zone = self.pki.zones[other]
+        link = self.links[(1, 2)].folders[0 if kme_id == 1 else 1]
+        local = self.links[(kme_id, kme_id)].folders[0]
+        lines = [
+            "# Generated by qkdtls.testbed",
+            "[kme]",
+            f"id = {kme_id}",
+            f"nickname = {_toml_str('site ' + ('A' if kme_id == 1 else 'B'))}",
+            "",
+            "[sae_interface]",
+            f"listen = {_toml_str(f'{LOOPBACK}:{me.sae_port}')}",
+            f"cert = {_toml_str(zone.kme_server.cert)}",
+            f"key = {_toml_str(zone.kme_server.key)}",
+            f"client_ca = {_toml_str(zone.ca)}",
+            "",
+            "[inter_kme]",
+            f"listen = {_toml_str(f'{LOOPBACK}:{me.inter_kme_port}')}",
+            f"cert = {_toml_str(zone.inter_kme_server.cert)}",
+            f"key = {_toml_str(zone.inter_kme_server.key)}",
+            f"client_ca = {_toml_str(peer_zone.ca)}",
+            "",
+            "[store]",
+            f"url = {_toml_str(store_url)}",
+            "",
+            "[service]",
+            f"block_size = {block_size}",
+            *(f"{name} = {_toml_value(value)}" for name, value in service.items()),
+            "",
+            "[local_link]",
+            f"folder = {_toml_str(local)}",
+            f"delete_after_import = {_toml_value(delete_after_import)}",
+            "",
+            "[[peers]]",
+            f"kme_id = {other}",
+            f"url = {_toml_str(f'https://{LOOPBACK}:{self.kmes[other].inter_kme_port}')}",
+            f"client_cert = {_toml_str(zone.inter_kme_clients[other].cert)}",
+            f"client_key = {_toml_str(zone.inter_kme_clients[other].key)}",
+            f"ca = {_toml_str(peer_zone.ca)}",
+            f"fingerprint = {_toml_str(peer_zone.inter_kme_clients[kme_id].fingerprint_sha256)}",
+            f"folder = {_toml_str(link)}",
+            f"delete_after_import = {_toml_value(delete_after_import)}",
+            f"timeout = {peer_timeout!r}",
+            "",
+        ]
+        for sae_id, owner in sorted(self.sae_kme.items()):
+            lines += ["[[saes]]", f"id = {sae_id}", f"kme_id = {owner}"]
+            if owner == kme_id:
+                lines.append(f"serial = {_toml_str(zone.saes[sae_id].serial_hex)}")
+            lines.append("")
+        lines += [
+            "[[admins]]",
+            'name = "admin"',
+            f"fingerprint = {_toml_str(zone.admin.fingerprint_sha256)}",
+            "",
+            "[metrics]",
+            "enabled = true",
+            "",
+            "[sweeper]",
+            f"interval = {sweep_interval!r}",
+            "",
+            "[ingest]",
+            f"interval = {ingest_interval!r}",
+            "",
+        ]
+        return "\n".join(lines)
+
+    # --- key material --------------------------------------------------------------------------------------
+
+    def add_key_material(
+        self, nbytes: int, *, link: tuple[int, int] = (1, 2), data: bytes | None = None
+    ) -> bytes:
+        """Write one new key file with identical bytes into every folder of ``link``; returns the bytes.
+
+        Follows the folder rule of docs/design.md: written under a ``.part`` name, then renamed to ``*.key``.
+        """
+        folders = self.links[tuple(sorted(link))]  # type: ignore[index]
+        payload = secrets.token_bytes(nbytes) if data is None else data
+        folders.sequence = max(folders.sequence, *(self._last_sequence(f) for f in folders.folders)) + 1
+        name = f"{folders.sequence:09d}.key"
+        for folder in folders.folders:
+            part = folder / f".{name}.part"
+            part.write_bytes(payload)
+            part.replace(folder / name)
+        return payload
+
+    @staticmethod
+    def _last_sequence(folder: Path) -> int:
+        numbers = [int(p.stem) for p in folder.glob("*.key") if p.stem.isdigit()]
+        return max(numbers, default=0)
+
+    # --- processes -----------------------------------------------------------------------------------------
+
+    def command(self, kme_id: int) -> list[str]:
+        kme = self.kmes[kme_id]
+        # `python -m qkdtls.cli.kme` is `qkdtls kme` without loading the other command groups.
+        argv = [sys.executable, "-m", "qkdtls.cli.kme"]
+        if self.verbosity:
+            argv.append("-" + "v" * self.verbosity)
+        return [*argv, "serve", "--config", str(kme.config), "--ready-file", str(kme.ready_file)]
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start every KME that is not running and wait until all listen; on failure stop them all."""
+        try:
+            for kme_id in self.kmes:
+                if not self.kmes[kme_id].running:
+                    self._spawn(kme_id)
+            deadline = time.monotonic() + timeout
+            for kme_id in self.kmes:
+                self._wait_ready(kme_id, deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_kme(self, kme_id: int, timeout: float = START_TIMEOUT) -> None:
+        if not self.kmes[kme_id].running:
+            self._spawn(kme_id)
+        try:
+            self._wait_ready(kme_id, time.monotonic() + timeout)
+        except BaseException:
+            self.kill(kme_id)
+            raise
+
+    def _spawn(self, kme_id: int) -> None:
+        kme = self.kmes[kme_id]
+        with contextlib.suppress(FileNotFoundError):
+            kme.ready_file.unlink()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with kme.log.open("ab") as log:
+            log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
+            log.flush()
+            kme.proc = subprocess.Popen(
+                self.command(kme_id),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+            )
+
+    def _wait_ready(self, kme_id: int, deadline: float) -> None:
+        kme = self.kmes[kme_id]
+        assert kme.proc is not None
+        while True:
+            if kme.proc.poll() is not None:
+                raise TestbedError(
+                    f"KME {kme_id} exited with {kme.proc.returncode}:\n{self.log_tail(kme_id)}"
+                )
+            try:
+                doc = json.loads(kme.ready_file.read_text())
+                if doc.get("pid") == kme.proc.pid:
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TestbedError(f"KME {kme_id} did not start in time:\n{self.log_tail(kme_id)}")
+            time.sleep(0.02)
+
+    def log_tail(self, kme_id: int, lines: int = 40) -> str:
+        try:
+            text = self.kmes[kme_id].log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM every KME, wait (bounded), then SIGKILL what is left."""
+        for kme in self.kmes.values():
+            if kme.running and kme.proc is not None:
+                kme.proc.send_signal(signal.SIGTERM)
+        for kme_id in self.kmes:
+            self._reap(kme_id, STOP_TIMEOUT)
+
+    def stop_kme(self, kme_id: int) -> None:
+        kme = self.kmes[kme_id]
+        if kme.running and kme.proc is not None:
+            kme.proc.send_signal(signal.SIGTERM)
+        self._reap(kme_id, STOP_TIMEOUT)
+
+    def _reap(self, kme_id: int, timeout: float) -> None:
+        proc = self.kmes[kme_id].proc
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+    def kill(self, kme_id: int) -> None:
+        """SIGKILL, as a crash or power loss would stop it."""
+        proc = self.kmes[kme_id].proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._reap(kme_id, STOP_TIMEOUT)
+
+    def restart(self, kme_id: int, timeout: float = START_TIMEOUT) -> None:
+        """Stop the KME if it runs (SIGTERM) and start it again on the same ports."""
+        self.stop_kme(kme_id)
+        self.start_kme(kme_id, timeout)
+
+    def __enter__(self) -> Testbed:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- what clients need ---------------------------------------------------------------------------------
+
+    def kme_of(self, sae_id: int) -> int:
+        return self.sae_kme[sae_id]
+
+    def sae_url(self, kme_id: int) -> str:
+        """Base URL of a KME's SAE interface (append /api/v1/...)."""
+        return f"https://{LOOPBACK}:{self.kmes[kme_id].sae_port}"
+
+    def inter_kme_url(self, kme_id: int) -> str:
+        return f"https://{LOOPBACK}:{self.kmes[kme_id].inter_kme_port}"
+
+    def sae_credentials(self, sae_id: int) -> tuple[Path, Path, Path]:
+        """(client cert, client key, CA of its KME's server certificate) for an SAE."""
+        zone = self.pki.zones[self.sae_kme[sae_id]]
+        issued = zone.saes[sae_id]
+        return issued.cert, issued.key, zone.ca
+
+    def admin_credentials(self, kme_id: int) -> tuple[Path, Path, Path]:
+        zone = self.pki.zones[kme_id]
+        return zone.admin.cert, zone.admin.key, zone.ca
+
+    def app_server_credentials(self, sae_id: int) -> tuple[Path, Path, Path]:
+        """(server cert, key, CA) for a TLS server run by this SAE's application."""
+        zone = self.pki.zones[self.sae_kme[sae_id]]
+        issued = zone.app_servers[sae_id]
+        return issued.cert, issued.key, zone.ca
+
+    def config_path(self, kme_id: int) -> Path:
+        return self.kmes[kme_id].config
+
+    def pid(self, kme_id: int) -> int | None:
+        return self.kmes[kme_id].pid

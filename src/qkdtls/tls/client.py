@@ -1,0 +1,796 @@
+"""The TLS 1.3 client (RFC 8446) as a sans-I/O state machine, with the TLS-QKD offers.
+
+Written here rather than borrowed because no Python TLS engine lets a client put an external PSK named
+after a KME key, or the reference profile's 0xFEA6, into an otherwise standard ClientHello and still
+finish a standard handshake on the same connection when the server ignores the offer.
+
+States and the only transitions allowed between them (``_TRANSITIONS``) are explicit, in the style of h11:
+a message that does not fit the current state is unexpected_message. Every error is a
+:class:`~qkdtls.tls.alerts.TLSAlert`; the connection queues that alert in :meth:`TLSClient.data_to_send`
+before the exception reaches the caller, and then refuses further use.
+
+QKD offers (docs/design.md "Profiles", "Policy"):
+
+* ``secure``: the QKD key is an external PSK (identity ``qkd1:<master_SAE_ID>:<key_ID>``) offered in
+  ``psk_dhe_ke`` mode with its binder, last in the ClientHello. If the server selects it there is no
+  Certificate/CertificateVerify; the server Finished proves it knows the key. 0xFEA8 offers QKD rekeying.
+* ``reference`` (opt-in, insecure): 0xFEA6 before server_name/key_share; on a ServerHello carrying 0xFEA7
+  the client answers the challenge with a plaintext 0x50/0x0E00 record at once, sends no CCS and no
+  Finished, and switches both directions to the reference record protection after the server Finished.
+* A server that ignores the offer gets a standard handshake with full certificate validation, unless the
+  policy is ``required`` (insufficient_security).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import deque
+from enum import Enum, auto
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import extensions as ext
+from . import qkd_reference, qkd_secure
+from .alerts import (
+    AlertDescription,
+    AlertLevel,
+    DecodeError,
+    DecryptError,
+    IllegalParameter,
+    InsufficientSecurity,
+    InternalError,
+    InvalidState,
+    MissingExtension,
+    PeerAlert,
+    ProtocolVersion,
+    TLSAlert,
+    UnexpectedMessage,
+    UnsupportedExtension,
+    encode_alert,
+)
+from .certificates import load_chain, verify_server_chain
+from .config import ClientConfig, QkdOffer
+from .events import (
+    ApplicationData,
+    ConnectionClosed,
+    ConnectionInfo,
+    Event,
+    HandshakeComplete,
+    KeyUpdated,
+    QkdRekeyed,
+)
+from .groups import KeyShare, NamedGroup, parse_group
+from .key_schedule import KeySchedule, Transcript, constant_time_equal
+from .messages import (
+    DOWNGRADE_TLS11,
+    DOWNGRADE_TLS12,
+    Certificate,
+    CertificateEntry,
+    CertificateRequest,
+    CertificateVerify,
+    ClientHello,
+    EncryptedExtensions,
+    Finished,
+    HandshakeMessage,
+    HandshakeType,
+    KeyUpdate,
+    KeyUpdateRequest,
+    NewSessionTicket,
+    ServerHello,
+)
+from .records import (
+    ALERT,
+    APPLICATION_DATA,
+    COMPAT_CCS_RECORD,
+    HANDSHAKE,
+    TLS10,
+    AeadProtection,
+    HandshakeBuffer,
+    PlaintextProtection,
+    RecordLayer,
+    encode_handshake,
+    record_header,
+)
+from .signatures import choose_scheme, sign, verify
+from .suites import CipherSuite, params
+
+TLS13 = 0x0304
+ET = ext.ExtensionType
+
+
+class ClientState(Enum):
+    START = auto()
+    WAIT_SERVER_HELLO = auto()
+    WAIT_ENCRYPTED_EXTENSIONS = auto()
+    WAIT_CERTIFICATE_OR_REQUEST = auto()
+    WAIT_CERTIFICATE = auto()
+    WAIT_CERTIFICATE_VERIFY = auto()
+    WAIT_FINISHED = auto()
+    CONNECTED = auto()
+    CLOSED = auto()
+    FAILED = auto()
+
+
+S = ClientState
+_TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
+    S.START: frozenset({S.WAIT_SERVER_HELLO}),
+    S.WAIT_SERVER_HELLO: frozenset({S.WAIT_SERVER_HELLO, S.WAIT_ENCRYPTED_EXTENSIONS}),
+    S.WAIT_ENCRYPTED_EXTENSIONS: frozenset({S.WAIT_CERTIFICATE_OR_REQUEST, S.WAIT_FINISHED}),
+    S.WAIT_CERTIFICATE_OR_REQUEST: frozenset({S.WAIT_CERTIFICATE, S.WAIT_CERTIFICATE_VERIFY}),
+    S.WAIT_CERTIFICATE: frozenset({S.WAIT_CERTIFICATE_VERIFY}),
+    S.WAIT_CERTIFICATE_VERIFY: frozenset({S.WAIT_FINISHED}),
+    S.WAIT_FINISHED: frozenset({S.CONNECTED}),
+    S.CONNECTED: frozenset(),
+    S.CLOSED: frozenset(),
+    S.FAILED: frozenset(),
+}
+_EXPECTED: dict[ClientState, tuple[int, ...]] = {
+    S.WAIT_SERVER_HELLO: (HandshakeType.server_hello,),
+    S.WAIT_ENCRYPTED_EXTENSIONS: (HandshakeType.encrypted_extensions,),
+    S.WAIT_CERTIFICATE_OR_REQUEST: (HandshakeType.certificate, HandshakeType.certificate_request),
+    S.WAIT_CERTIFICATE: (HandshakeType.certificate,),
+    S.WAIT_CERTIFICATE_VERIFY: (HandshakeType.certificate_verify,),
+    S.WAIT_FINISHED: (HandshakeType.finished,),
+    S.CONNECTED: (HandshakeType.new_session_ticket, HandshakeType.key_update, HandshakeType.qkd_rekey),
+}
+# Extensions a TLS 1.3 server may put in each message (RFC 8446 §4.2 table); others it recognises are
+# illegal_parameter there, ones we never offered unsupported_extension.
+_SERVER_HELLO_EXTS = frozenset({ET.key_share, ET.supported_versions, ET.pre_shared_key, ET.qkd_reference_ack})
+_HRR_EXTS = frozenset({ET.key_share, ET.supported_versions, ET.cookie})
+_EE_EXTS = frozenset({
+    ET.server_name, ET.max_fragment_length, ET.supported_groups, ET.use_srtp, ET.heartbeat,
+    ET.application_layer_protocol_negotiation, ET.record_size_limit, ET.early_data, ET.qkd_rekey,
+    ET.qkd_reference_ack,
+})
+# Upper bound on post-handshake messages handled per received record, so a flood of tiny KeyUpdates in
+# one record cannot make one receive_data call run unboundedly long.
+_MAX_MESSAGES_PER_CALL = 4096
+
+
+class _Offer:
+    """What the ClientHello offered for QKD (kept off the repr: it holds the key)."""
+
+    def __init__(self, offer: QkdOffer, profiles: tuple[str, ...], suite: CipherSuite) -> None:
+        self.key_id = offer.key_id
+        self.master_sae_id = offer.master_sae_id
+        self.key = offer.key
+        self.secure = "secure" in profiles
+        self.reference: qkd_reference.QkdRequest | None = None
+        if "reference" in profiles:
+            self.reference = qkd_reference.QkdRequest.create(offer.key_id, offer.master_sae_id)
+        self.psk_suite = suite
+        self.identity = qkd_secure.psk_identity(offer.master_sae_id, offer.key_id) if self.secure else b""
+
+    def __repr__(self) -> str:
+        return f"_Offer(key_id={self.key_id!r}, secure={self.secure}, reference={self.reference is not None})"
+
+
+class TLSClient:
+    """One client connection. ``initiate()``, then feed bytes with ``receive_data`` and drain
+    ``next_event()`` / ``data_to_send()``."""
+
+    def __init__(
+        self, config: ClientConfig, server_name: str | None = None, qkd: QkdOffer | None = None
+    ) -> None:
+        self.config = config
+        self.server_name = server_name
+        self.state = ClientState.START
+        self.info: ConnectionInfo | None = None
+        self._records = RecordLayer()
+        self._handshake = HandshakeBuffer()
+        self._events: deque[Event] = deque()
+        self._outgoing = bytearray()
+        self._transcript = Transcript()
+        self._random = os.urandom(32)
+        self._session_id = os.urandom(32)   # middlebox compatibility mode (§D.4)
+        self._shares: dict[NamedGroup, KeyShare] = {}
+        self._groups = [parse_group(g) for g in config.groups]
+        self._hello: ClientHello | None = None
+        self._retried = False
+        self._cookie: bytes | None = None
+        self._ccs_sent = False
+        self._suite: CipherSuite | None = None
+        self._group: NamedGroup | None = None
+        self._schedule: KeySchedule | None = None
+        self._client_hs = b""
+        self._server_hs = b""
+        self._client_ap = b""
+        self._server_ap = b""
+        self._mode = "classic"
+        self._profile: str | None = None
+        self._rekey_negotiated = False
+        self._rekey_pending: QkdOffer | None = None
+        self._alpn: str | None = None
+        self._cert_request: CertificateRequest | None = None
+        self._server_chain: list[bytes] = []
+        self._peer_leaf: x509.Certificate | None = None
+        self._close_sent = False
+        self._offer: _Offer | None = None
+        if qkd is not None and config.qkd != "off":
+            profiles = tuple(qkd.profiles or config.qkd_profiles)
+            self._offer = _Offer(qkd, profiles, config.qkd_cipher_suite)
+        elif config.qkd == "required":
+            raise InvalidState("QKD policy 'required' needs a QKD key offer")
+        if not self._groups:
+            raise InvalidState("no key-exchange group configured")
+
+    def __repr__(self) -> str:
+        return f"TLSClient(state={self.state.name}, server_name={self.server_name!r}, mode={self._mode})"
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the ClientHello."""
+        if self.state is not ClientState.START:
+            raise InvalidState("initiate() called twice")
+        first = self._groups[0]
+        self._shares[first] = KeyShare(first)
+        # A hybrid first choice also carries a plain X25519 share so classical-only servers need no HRR.
+        if first is NamedGroup.X25519MLKEM768 and NamedGroup.x25519 in self._groups:
+            self._shares[NamedGroup.x25519] = KeyShare(NamedGroup.x25519)
+        self._records.write = PlaintextProtection(TLS10)
+        self._send_client_hello()
+        self._records.write = PlaintextProtection()
+        self._records.allow_ccs = True
+        self._transition(ClientState.WAIT_SERVER_HELLO)
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer; ``b""`` is end of stream."""
+        if self.state is ClientState.FAILED:
+            raise InvalidState("connection failed earlier")
+        if self.state is ClientState.CLOSED:
+            return
+        if not data:
+            self._state_closed()
+            self._events.append(ConnectionClosed(None))
+            return
+        self._guarded(self._receive, data)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def send_data(self, data: bytes) -> None:
+        if self.state is not ClientState.CONNECTED or self._close_sent:
+            raise InvalidState("application data before the handshake completed or after close")
+        if data:
+            self._outgoing += self._records.seal(APPLICATION_DATA, bytes(data))
+
+    def close(self) -> None:
+        """Queue close_notify (once)."""
+        if self._close_sent or self.state in (ClientState.FAILED, ClientState.START):
+            return
+        self._close_sent = True
+        try:
+            self._outgoing += self._records.seal(ALERT, encode_alert(AlertDescription.close_notify,
+                                                                     AlertLevel.warning))
+        except TLSAlert:
+            pass
+
+    def update_key(self, request_peer: bool = True) -> None:
+        """Send a KeyUpdate and switch our sending key (RFC 8446 §4.6.3)."""
+        self._require_standard_connected("KeyUpdate")
+        request = KeyUpdateRequest.update_requested if request_peer else KeyUpdateRequest.update_not_requested
+        self._guarded(self._send_key_update, request)
+
+    def rekey(self, offer: QkdOffer) -> None:
+        """Start a QKD rekey with a fresh key (secure profile, 0xFEA8 negotiated)."""
+        self._require_standard_connected("QKD rekey")
+        if not self._rekey_negotiated:
+            raise InvalidState("the server did not accept QKD rekeying")
+        if self._rekey_pending is not None:
+            raise InvalidState("a QKD rekey is already in progress")
+        message = qkd_secure.QkdRekey(offer.key_id)
+        self._guarded(self._start_rekey, message, offer)
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _require_standard_connected(self, what: str) -> None:
+        if self.state is not ClientState.CONNECTED or self._close_sent:
+            raise InvalidState(f"{what} needs an established connection")
+        if self._profile == "reference":
+            raise InvalidState(f"{what} is not available in the reference profile")
+
+    def _guarded(self, func: Any, *args: Any) -> None:
+        try:
+            func(*args)
+        except TLSAlert as alert:
+            self._fail(alert)
+            raise
+        except PeerAlert:
+            self._state_closed()
+            raise
+
+    def _fail(self, alert: TLSAlert) -> None:
+        if self.state is ClientState.FAILED:
+            return
+        try:
+            self._outgoing += self._records.seal(ALERT, encode_alert(alert.description))
+        except TLSAlert:
+            pass
+        self.state = ClientState.FAILED
+
+    def _state_closed(self) -> None:
+        if self.state is not ClientState.FAILED:
+            self.state = ClientState.CLOSED
+
+    def _transition(self, new: ClientState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise InternalError(f"illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    def _keylog(self, label: str, secret: bytes) -> None:
+        if self.config.keylog is not None:
+            self.config.keylog(f"{label} {self._random.hex()} {secret.hex()}")
+
+    def _send_handshake(self, message: HandshakeMessage) -> bytes:
+        raw = message.to_bytes()
+        self._transcript.update(raw)
+        self._outgoing += self._records.seal(HANDSHAKE, raw)
+        return raw
+
+    def _send_compat_ccs(self) -> None:
+        if not self._ccs_sent and self._profile != "reference":
+            self._ccs_sent = True
+            self._outgoing += COMPAT_CCS_RECORD
+
+    # -- ClientHello ------------------------------------------------------------------------------------
+
+    def _offered_suites(self) -> list[int]:
+        suites = [int(s) for s in self.config.cipher_suites]
+        if self._offer is not None and self._offer.secure:
+            # The PSK's hash follows qkd_cipher_suite: put it first so the server can select the PSK.
+            first = int(self._offer.psk_suite)
+            suites = [first] + [s for s in suites if s != first]
+        return suites
+
+    def _psk_usable(self) -> bool:
+        if self._offer is None or not self._offer.secure:
+            return False
+        if self._suite is None:
+            return True
+        # After a HelloRetryRequest only a PSK whose hash matches the chosen suite may stay (§4.1.4).
+        return params(self._suite).hash_name == params(self._offer.psk_suite).hash_name
+
+    def _build_extensions(self, binders: list[bytes] | None) -> list[ext.Extension]:
+        cfg = self.config
+        out = [
+            ext.Extension(ET.supported_versions, ext.encode_supported_versions_client([TLS13])),
+            ext.Extension(ET.supported_groups, ext.encode_u16_list([int(g) for g in self._groups])),
+            ext.Extension(ET.signature_algorithms, ext.encode_u16_list(list(cfg.signature_algorithms))),
+        ]
+        if self._offer is not None and self._offer.reference is not None:
+            out.append(ext.Extension(ET.qkd_reference_request, self._offer.reference.encode()))
+        if self.server_name and not _is_ip_address(self.server_name):
+            out.append(ext.Extension(ET.server_name, ext.encode_server_name(self.server_name)))
+        shares = [(int(g), s.public) for g, s in self._shares.items()]
+        out.append(ext.Extension(ET.key_share, ext.encode_key_share_client(shares)))
+        if cfg.alpn_protocols:
+            out.append(ext.Extension(ET.application_layer_protocol_negotiation,
+                                     ext.encode_alpn(list(cfg.alpn_protocols))))
+        if self._cookie is not None:
+            out.append(ext.Extension(ET.cookie, ext.encode_cookie(self._cookie)))
+        if binders is not None:
+            out.append(ext.Extension(ET.psk_key_exchange_modes, ext.encode_psk_modes([ext.PSK_DHE_KE])))
+            if cfg.rekey:
+                out.append(ext.Extension(ET.qkd_rekey, b""))
+            assert self._offer is not None
+            offered = ext.OfferedPsks((ext.PskIdentity(self._offer.identity, 0),), tuple(binders))
+            out.append(ext.Extension(ET.pre_shared_key, offered.encode()))   # must be last (§4.2.11)
+        return out
+
+    def _send_client_hello(self) -> None:
+        use_psk = self._psk_usable()
+        suites = self._offered_suites()
+        if not use_psk:
+            hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(None))
+        else:
+            assert self._offer is not None
+            psk_params = params(self._offer.psk_suite)
+            placeholder = [bytes(psk_params.hash_length)]
+            hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(placeholder))
+            raw = hello.to_bytes()
+            truncated = raw[: len(raw) - ext.binders_length(placeholder)]
+            schedule = KeySchedule(self._offer.psk_suite)
+            schedule.extract_early(self._offer.key)
+            binder_key = schedule.binder_key(external=True)
+            binder = schedule.finished_verify_data(binder_key, self._binder_hash(psk_params.hash_algorithm(),
+                                                                                 truncated))
+            hello = ClientHello(self._random, self._session_id, suites, self._build_extensions([binder]))
+        self._hello = hello
+        self._send_handshake(hello)
+
+    def _binder_hash(self, algorithm: hashes.HashAlgorithm, truncated: bytes) -> bytes:
+        if self._suite is not None:
+            return self._transcript.digest_with(truncated)
+        h = hashes.Hash(algorithm)
+        h.update(truncated)
+        return h.finalize()
+
+    # -- receiving --------------------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        self._records.feed(data)
+        # Bounded: each pass consumes one whole record or returns.
+        while self.state not in (ClientState.CLOSED, ClientState.FAILED):
+            record = self._records.next_record()
+            if record is None:
+                return
+            content_type, payload = record
+            if content_type == HANDSHAKE:
+                self._handshake.add(payload)
+                self._drain_handshake()
+            elif content_type == ALERT:
+                self._require_no_partial_handshake()
+                self._on_alert(payload)
+            elif content_type == APPLICATION_DATA:
+                self._require_no_partial_handshake()
+                if self.state is not ClientState.CONNECTED:
+                    raise UnexpectedMessage("application data before the handshake completed")
+                if payload:
+                    self._events.append(ApplicationData(payload))
+            else:
+                raise UnexpectedMessage(f"unexpected content type {content_type}")
+
+    def _require_no_partial_handshake(self) -> None:
+        if self._handshake.pending:
+            raise UnexpectedMessage("record interleaved with a fragmented handshake message")
+
+    def _on_alert(self, payload: bytes) -> None:
+        if len(payload) != 2:
+            raise DecodeError("alert of the wrong length")
+        level, description = payload
+        if description == AlertDescription.close_notify:
+            self._state_closed()
+            self._events.append(ConnectionClosed(None))
+            return
+        if description == AlertDescription.user_canceled and level == AlertLevel.warning:
+            return   # a close_notify follows (§6.1)
+        self._events.append(ConnectionClosed(description))
+        raise PeerAlert(description, level)
+
+    def _drain_handshake(self) -> None:
+        for _ in range(_MAX_MESSAGES_PER_CALL):
+            if self.state in (ClientState.CLOSED, ClientState.FAILED):
+                return
+            message = self._handshake.next_message()
+            if message is None:
+                return
+            msg_type, body, raw = message
+            if msg_type not in _EXPECTED.get(self.state, ()):
+                raise UnexpectedMessage(f"handshake message {msg_type} in state {self.state.name}")
+            self._dispatch(msg_type, body, raw)
+        raise UnexpectedMessage("too many handshake messages at once")
+
+    def _dispatch(self, msg_type: int, body: bytes, raw: bytes) -> None:
+        if msg_type == HandshakeType.server_hello:
+            self._on_server_hello(ServerHello.decode(body), raw)
+        elif msg_type == HandshakeType.encrypted_extensions:
+            self._on_encrypted_extensions(EncryptedExtensions.decode(body), raw)
+        elif msg_type == HandshakeType.certificate_request:
+            self._on_certificate_request(CertificateRequest.decode(body), raw)
+        elif msg_type == HandshakeType.certificate:
+            self._on_certificate(Certificate.decode(body), raw)
+        elif msg_type == HandshakeType.certificate_verify:
+            self._on_certificate_verify(CertificateVerify.decode(body), raw)
+        elif msg_type == HandshakeType.finished:
+            assert self._schedule is not None
+            self._on_finished(Finished.decode(body, self._schedule.hash_length), raw)
+        elif msg_type == HandshakeType.new_session_ticket:
+            # Tickets are decoded for well-formedness and dropped: this client does not resume.
+            self._require_standard_post_handshake()
+            NewSessionTicket.decode(body)
+        elif msg_type == HandshakeType.key_update:
+            self._require_standard_post_handshake()
+            self._on_key_update(KeyUpdate.decode(body))
+        else:
+            self._on_qkd_rekey(qkd_secure.QkdRekey.decode(body))
+
+    def _require_standard_post_handshake(self) -> None:
+        if self._profile == "reference":
+            raise UnexpectedMessage("handshake messages are not allowed after the reference QKD switch")
+
+    # -- ServerHello / HelloRetryRequest ----------------------------------------------------------------
+
+    def _check_extensions(self, extensions: list[ext.Extension], allowed: frozenset[int]) -> None:
+        assert self._hello is not None
+        offered = {e.type for e in self._hello.extensions}
+        if ET.qkd_reference_request in offered:
+            offered.add(ET.qkd_reference_ack)   # the reference server answers 0xFEA6 with 0xFEA7
+        for extension in extensions:
+            if extension.type not in offered:
+                raise UnsupportedExtension(f"extension {extension.type:#x} was not offered")
+            if extension.type not in allowed:
+                raise IllegalParameter(f"extension {extension.type:#x} not allowed here")
+
+    def _on_server_hello(self, hello: ServerHello, raw: bytes) -> None:
+        assert self._hello is not None
+        versions = ext.find(hello.extensions, ET.supported_versions)
+        if versions is None:
+            if hello.random[-8:] in (DOWNGRADE_TLS12, DOWNGRADE_TLS11):
+                raise IllegalParameter("downgrade sentinel in ServerHello.random")
+            raise ProtocolVersion("server did not negotiate TLS 1.3")
+        if ext.decode_supported_versions_server(versions) != TLS13 or hello.legacy_version != 0x0303:
+            raise IllegalParameter("server selected a version that was not offered")
+        if hello.legacy_session_id_echo != self._session_id:
+            raise IllegalParameter("legacy_session_id_echo does not match")
+        if hello.legacy_compression_method != 0:
+            raise IllegalParameter("compression method must be null")
+        if hello.cipher_suite not in self._hello.cipher_suites:
+            raise IllegalParameter("server selected a cipher suite that was not offered")
+        suite = CipherSuite(hello.cipher_suite)
+        if hello.is_hello_retry_request:
+            self._on_hello_retry_request(hello, raw, suite)
+            return
+        self._check_extensions(hello.extensions, _SERVER_HELLO_EXTS)
+        if self._suite is not None and suite != self._suite:
+            raise IllegalParameter("ServerHello cipher suite differs from the HelloRetryRequest's")
+        share_data = ext.find(hello.extensions, ET.key_share)
+        if share_data is None:
+            raise MissingExtension("ServerHello without key_share (psk_ke was not offered)")
+        group_value, server_share = ext.decode_key_share_server(share_data)
+        try:
+            group = NamedGroup(group_value)
+        except ValueError:
+            raise IllegalParameter("server key share for a group we did not offer") from None
+        share = self._shares.get(group)
+        if share is None:
+            raise IllegalParameter("server key share for a group we did not send")
+
+        psk: bytes | None = None
+        psk_data = ext.find(hello.extensions, ET.pre_shared_key)
+        challenge = ext.find(hello.extensions, ET.qkd_reference_ack)
+        if psk_data is not None:
+            if ext.decode_selected_identity(psk_data) != 0:
+                raise IllegalParameter("server selected a PSK identity we did not offer")
+            assert self._offer is not None
+            if params(suite).hash_name != params(self._offer.psk_suite).hash_name:
+                raise IllegalParameter("PSK selected with a cipher suite of another hash")
+            if challenge is not None:
+                raise IllegalParameter("server accepted both QKD profiles")
+            psk = self._offer.key
+            self._mode, self._profile = "qkd", "secure"
+        elif challenge is not None:
+            self._mode, self._profile = "qkd", "reference"
+        elif self.config.qkd == "required":
+            raise InsufficientSecurity("server did not accept the QKD key (policy 'required')")
+
+        self._suite, self._group = suite, group
+        if not self._retried:
+            self._transcript.set_algorithm(params(suite).hash_algorithm())
+        self._transcript.update(raw)
+        schedule = KeySchedule(suite)
+        schedule.extract_early(psk)
+        schedule.extract_handshake(share.exchange(server_share))
+        self._schedule = schedule
+        self._client_hs, self._server_hs = schedule.handshake_traffic_secrets(self._transcript.digest())
+        self._keylog("CLIENT_HANDSHAKE_TRAFFIC_SECRET", self._client_hs)
+        self._keylog("SERVER_HANDSHAKE_TRAFFIC_SECRET", self._server_hs)
+        self._handshake.require_empty()
+        self._records.read = AeadProtection(suite, *schedule.traffic_keys(self._server_hs))
+        if challenge is not None:
+            self._answer_reference_challenge(challenge)
+        else:
+            # Alerts from now on are protected with our handshake key, as the server expects.
+            self._records.write = AeadProtection(suite, *schedule.traffic_keys(self._client_hs))
+        self._transition(ClientState.WAIT_ENCRYPTED_EXTENSIONS)
+
+    def _answer_reference_challenge(self, sealed: bytes) -> None:
+        assert self._offer is not None and self._offer.reference is not None
+        iv = self._offer.reference.iv
+        received = qkd_reference.open_challenge(self._offer.key, iv, 0, sealed)
+        answer = qkd_reference.seal_challenge(self._offer.key, iv, 1, received.answer())
+        # The server waits for this record before it sends the rest of its flight (reference §2.12).
+        header = record_header(
+            qkd_reference.CONTENT_TYPE_CHALLENGE, qkd_reference.RECORD_VERSION_QKD, len(answer)
+        )
+        self._outgoing += header + answer
+        self._records.write = qkd_reference.ReferenceProtection(self._offer.key, iv)
+
+    def _on_hello_retry_request(self, hrr: ServerHello, raw: bytes, suite: CipherSuite) -> None:
+        if self._retried:
+            raise UnexpectedMessage("second HelloRetryRequest")
+        self._check_extensions(hrr.extensions, _HRR_EXTS)
+        group_data = ext.find(hrr.extensions, ET.key_share)
+        cookie = ext.find(hrr.extensions, ET.cookie)
+        if group_data is None and cookie is None:
+            raise IllegalParameter("HelloRetryRequest would not change the ClientHello")
+        self._retried = True
+        self._suite = suite
+        self._transcript.set_algorithm(params(suite).hash_algorithm())
+        self._transcript.replace_with_message_hash()
+        self._transcript.update(raw)
+        if group_data is not None:
+            try:
+                group = NamedGroup(ext.decode_key_share_hrr(group_data))
+            except ValueError:
+                raise IllegalParameter("HelloRetryRequest names an unknown group") from None
+            if group not in self._groups or group in self._shares:
+                raise IllegalParameter("HelloRetryRequest names a group not offered or already shared")
+            self._shares = {group: KeyShare(group)}
+        if cookie is not None:
+            self._cookie = ext.decode_cookie(cookie)
+        if self._offer is not None and self._offer.secure and not self._psk_usable():
+            self._offer.secure = False
+            if self.config.qkd == "required" and self._offer.reference is None:
+                raise InsufficientSecurity("server's cipher suite cannot use the QKD key (policy 'required')")
+        self._send_compat_ccs()
+        self._send_client_hello()
+
+    # -- server's encrypted flight ----------------------------------------------------------------------
+
+    def _on_encrypted_extensions(self, message: EncryptedExtensions, raw: bytes) -> None:
+        self._check_extensions(message.extensions, _EE_EXTS)
+        alpn = ext.find(message.extensions, ET.application_layer_protocol_negotiation)
+        if alpn is not None:
+            names = ext.decode_alpn(alpn)
+            offered = [p.encode("utf-8") for p in self.config.alpn_protocols]
+            if len(names) != 1 or names[0] not in offered:
+                raise IllegalParameter("server selected an ALPN protocol we did not offer")
+            self._alpn = names[0].decode("utf-8")
+        if ext.find(message.extensions, ET.early_data) is not None:
+            raise IllegalParameter("early_data accepted but never offered")
+        self._rekey_negotiated = (
+            self._profile == "secure" and ext.find(message.extensions, ET.qkd_rekey) is not None
+        )
+        self._transcript.update(raw)
+        if self._profile == "secure":
+            self._transition(ClientState.WAIT_FINISHED)   # PSK: no certificate (§2.2)
+        else:
+            self._transition(ClientState.WAIT_CERTIFICATE_OR_REQUEST)
+
+    def _on_certificate_request(self, message: CertificateRequest, raw: bytes) -> None:
+        if message.certificate_request_context:
+            raise IllegalParameter("certificate_request_context must be empty during the handshake")
+        if ext.find(message.extensions, ET.signature_algorithms) is None:
+            raise MissingExtension("CertificateRequest without signature_algorithms")
+        ext.decode_u16_list(ext.find(message.extensions, ET.signature_algorithms) or b"")
+        self._cert_request = message
+        self._transcript.update(raw)
+        self._transition(ClientState.WAIT_CERTIFICATE)
+
+    def _on_certificate(self, message: Certificate, raw: bytes) -> None:
+        if message.certificate_request_context:
+            raise IllegalParameter("server Certificate with a request context")
+        if not message.entries:
+            raise DecodeError("server sent an empty Certificate")
+        chain = [entry.cert_data for entry in message.entries]
+        if self._profile == "reference":
+            # The reference profile authenticates the server by the QKD challenge only (reference §2.9).
+            self._peer_leaf = load_chain(chain[:1])[0]
+        elif self.config.verify:
+            self._peer_leaf = verify_server_chain(chain, self.config.trust, self.server_name,
+                                                  check_hostname=self.config.check_hostname)
+        else:
+            self._peer_leaf = load_chain(chain[:1])[0]
+        self._server_chain = chain
+        self._transcript.update(raw)
+        self._transition(ClientState.WAIT_CERTIFICATE_VERIFY)
+
+    def _on_certificate_verify(self, message: CertificateVerify, raw: bytes) -> None:
+        assert self._peer_leaf is not None
+        try:
+            public_key = self._peer_leaf.public_key()
+        except ValueError:
+            raise DecodeError("server certificate key does not parse") from None
+        verify(public_key, message.algorithm, message.signature, self._transcript.digest(), server=True,
+               offered=list(self.config.signature_algorithms))
+        self._transcript.update(raw)
+        self._transition(ClientState.WAIT_FINISHED)
+
+    def _on_finished(self, message: Finished, raw: bytes) -> None:
+        schedule = self._schedule
+        assert schedule is not None and self._suite is not None
+        expected = schedule.finished_verify_data(self._server_hs, self._transcript.digest())
+        if not constant_time_equal(expected, message.verify_data):
+            raise DecryptError("server Finished does not verify")
+        self._transcript.update(raw)
+        self._handshake.require_empty()
+        self._records.allow_ccs = False
+        schedule.extract_master()
+        self._client_ap, self._server_ap = schedule.application_traffic_secrets(self._transcript.digest())
+        self._keylog("CLIENT_TRAFFIC_SECRET_0", self._client_ap)
+        self._keylog("SERVER_TRAFFIC_SECRET_0", self._server_ap)
+        self._keylog("EXPORTER_SECRET", schedule.exporter_master_secret(self._transcript.digest()))
+        if self._profile == "reference":
+            assert self._offer is not None and self._offer.reference is not None
+            # No client Finished: both directions switch to the raw QKD key (reference §2.9 step 7).
+            self._records.read = qkd_reference.ReferenceProtection(self._offer.key, self._offer.reference.iv)
+        else:
+            self._send_compat_ccs()
+            if self._cert_request is not None:
+                self._send_client_certificate()
+            verify_data = schedule.finished_verify_data(self._client_hs, self._transcript.digest())
+            self._send_handshake(Finished(verify_data))
+            self._records.read = AeadProtection(self._suite, *schedule.traffic_keys(self._server_ap))
+            self._records.write = AeadProtection(self._suite, *schedule.traffic_keys(self._client_ap))
+        self._transition(ClientState.CONNECTED)
+        self.info = self._connection_info()
+        self._events.append(HandshakeComplete(self.info))
+
+    def _send_client_certificate(self) -> None:
+        chain = list(self.config.certificate_chain)
+        key = self.config.private_key
+        if not chain or key is None:
+            self._send_handshake(Certificate(b"", []))   # no certificate: the server decides (§4.4.2.4)
+            return
+        assert self._cert_request is not None
+        schemes = ext.decode_u16_list(ext.find(self._cert_request.extensions, ET.signature_algorithms) or b"")
+        scheme = choose_scheme(key, schemes)
+        entries = [CertificateEntry(cert.public_bytes(Encoding.DER)) for cert in chain]
+        self._send_handshake(Certificate(b"", entries))
+        signature = sign(key, scheme, self._transcript.digest(), server=False)
+        self._send_handshake(CertificateVerify(int(scheme), signature))
+
+    def _connection_info(self) -> ConnectionInfo:
+        assert self._suite is not None and self._group is not None
+        qkd = self._mode == "qkd" and self._offer is not None
+        return ConnectionInfo(
+            mode=self._mode,
+            profile=self._profile,
+            key_id=self._offer.key_id if qkd and self._offer is not None else None,
+            peer_sae_id=None,
+            cipher=self._suite.name,
+            group=self._group.name,
+            version="TLSv1.3",
+            alpn=self._alpn,
+            server_name=self.server_name,
+            peer_certificate=self._peer_leaf.public_bytes(Encoding.DER) if self._peer_leaf else None,
+        )
+
+    # -- post-handshake ---------------------------------------------------------------------------------
+
+    def _on_key_update(self, message: KeyUpdate) -> None:
+        schedule = self._schedule
+        assert schedule is not None and self._suite is not None
+        self._handshake.require_empty()
+        self._server_ap = schedule.next_traffic_secret(self._server_ap)
+        self._records.read = AeadProtection(self._suite, *schedule.traffic_keys(self._server_ap))
+        self._events.append(KeyUpdated("receive"))
+        if message.request_update is KeyUpdateRequest.update_requested and not self._close_sent:
+            self._send_key_update(KeyUpdateRequest.update_not_requested)
+
+    def _send_key_update(self, request: KeyUpdateRequest) -> None:
+        schedule = self._schedule
+        assert schedule is not None and self._suite is not None
+        self._outgoing += self._records.seal(HANDSHAKE, KeyUpdate(request).to_bytes())
+        self._client_ap = schedule.next_traffic_secret(self._client_ap)
+        self._records.write = AeadProtection(self._suite, *schedule.traffic_keys(self._client_ap))
+        self._events.append(KeyUpdated("send"))
+
+    def _start_rekey(self, message: qkd_secure.QkdRekey, offer: QkdOffer) -> None:
+        schedule = self._schedule
+        assert schedule is not None and self._suite is not None
+        raw = encode_handshake(HandshakeType.qkd_rekey, message.encode())
+        self._outgoing += self._records.seal(HANDSHAKE, raw)
+        self._client_ap = qkd_secure.rekeyed_secret(schedule.algorithm, self._client_ap, offer.key, True)
+        self._records.write = AeadProtection(self._suite, *schedule.traffic_keys(self._client_ap))
+        self._rekey_pending = offer
+
+    def _on_qkd_rekey(self, message: qkd_secure.QkdRekey) -> None:
+        schedule = self._schedule
+        offer = self._rekey_pending
+        if not self._rekey_negotiated or offer is None or not message.is_ack:
+            raise UnexpectedMessage("QkdRekey without a rekey in progress")
+        assert schedule is not None and self._suite is not None
+        self._handshake.require_empty()
+        self._server_ap = qkd_secure.rekeyed_secret(schedule.algorithm, self._server_ap, offer.key, False)
+        self._records.read = AeadProtection(self._suite, *schedule.traffic_keys(self._server_ap))
+        self._rekey_pending = None
+        self._events.append(QkdRekeyed(offer.key_id))
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,82 @@
+"""Events a sans-I/O TLS connection reports to its adapter (``conn.next_event()``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What was negotiated; available once the handshake completed."""
+
+    mode: str                    # "qkd" | "classic"
+    profile: str | None          # "secure" | "reference" | None
+    key_id: str | None
+    peer_sae_id: int | None
+    cipher: str                  # IANA suite name, e.g. "TLS_AES_256_GCM_SHA384"
+    group: str | None            # "x25519" | "secp256r1" | "X25519MLKEM768" | None
+    version: str                 # "TLSv1.3"
+    alpn: str | None
+    server_name: str | None
+    peer_certificate: bytes | None = None   # DER of the peer's end-entity certificate
+
+
+class Event:
+    """Base class of everything ``next_event()`` returns."""
+
+
+@dataclass(frozen=True)
+class HandshakeComplete(Event):
+    info: ConnectionInfo
+
+
+@dataclass(frozen=True)
+class ApplicationData(Event):
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"ApplicationData(<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True)
+class ConnectionClosed(Event):
+    """The peer closed: ``alert`` is None for close_notify or plain EOF after it, else the alert code."""
+
+    alert: int | None = None
+
+
+@dataclass(frozen=True)
+class NeedQkdKey(Event):
+    """Server: fetch the key with dec_keys for ``master_sae_id`` and call ``provide_qkd_key``."""
+
+    key_id: str
+    master_sae_id: int
+    profile: str
+
+
+@dataclass(frozen=True)
+class HandOff(Event):
+    """Server: a classic ClientHello; the adapter gives ``initial_data`` and the socket to Python ssl."""
+
+    initial_data: bytes
+
+    def __repr__(self) -> str:
+        return f"HandOff(<{len(self.initial_data)} bytes>)"
+
+
+@dataclass(frozen=True)
+class NeedRekeyKey(Event):
+    """Server: the client announced a QKD rekey; fetch the key and call ``provide_rekey_key``."""
+
+    key_id: str
+    master_sae_id: int
+
+
+@dataclass(frozen=True)
+class KeyUpdated(Event):
+    direction: str               # "send" | "receive"
+
+
+@dataclass(frozen=True)
+class QkdRekeyed(Event):
+    key_id: str

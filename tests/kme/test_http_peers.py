@@ -1,0 +1,61 @@
+"""The inter-KME HTTPS gateway against a real KME: committed, refused (burn) and unreachable outcomes."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+
+from qkdtls.kme.errors import PeerRejected, PeerUnavailable
+from qkdtls.kme.peers import HttpPeerGateway
+from qkdtls.kme.reservation import Reservation, ReservedKey
+
+from .conftest import Pair
+
+
+def _reservation(blocks: tuple[int, ...]) -> Reservation:
+    # KME 2 is the higher ID: it draws direction 1 (odd blocks) of the 1<->2 link.
+    return Reservation(
+        master_KME_ID=2,
+        direction=1,
+        master_SAE_ID=2001,
+        slave_SAE_IDs=(1001,),
+        size=256,
+        keys=(ReservedKey(str(uuid.uuid4()), blocks),),
+    )
+
+
+async def test_reserve_commits_then_refuses_the_same_blocks(pair: Pair) -> None:
+    gateway = HttpPeerGateway(pair.config(2).peers)
+    try:
+        await gateway.reserve(1, _reservation((1,)))
+        with pytest.raises(PeerRejected):
+            await gateway.reserve(1, _reservation((1,)))
+        # Kept alive: both calls used one connection.
+        session = gateway._sessions[1]
+        assert session.connector is not None and len(session.connector._conns) == 1  # type: ignore[attr-defined]
+    finally:
+        await gateway.close()
+    stock = (await pair.admins[1].get("/api/v1/admin/links")).json["links"]
+    link = next(link for link in stock if link["peer_KME_ID"] == 2)
+    assert link["reserved_keys"] == 1
+
+
+async def test_unreachable_or_untrusted_peer_is_unavailable(pair: Pair) -> None:
+    peer = pair.config(2).peers[0]
+    wrong_ca = dataclasses.replace(peer, ca=pair.testbed.pki.zones[2].ca)  # KME 1's server cert is zone 1's
+    closed_port = dataclasses.replace(peer, url="https://127.0.0.1:1")
+    for config in (wrong_ca, closed_port):
+        gateway = HttpPeerGateway([config])
+        try:
+            with pytest.raises(PeerUnavailable):
+                await gateway.reserve(1, _reservation((3,)))
+        finally:
+            await gateway.close()
+    gateway = HttpPeerGateway([peer])
+    try:
+        with pytest.raises(PeerUnavailable):
+            await gateway.reserve(7, _reservation((3,)))  # no route to KME 7
+    finally:
+        await gateway.close()

@@ -1,0 +1,85 @@
+"""A real PostgreSQL 15 server for the tests, started once per session on a free loopback port.
+
+The tests run as root and PostgreSQL refuses to, so the cluster belongs to the ``postgres`` user and every
+server command goes through ``runuser``. The server listens on 127.0.0.1 only and on a Unix socket inside
+its own temporary directory, so parallel test sessions never meet. Durability is switched off: these tests
+check behaviour, not crash safety of PostgreSQL itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_BIN = Path(os.environ.get("QKDTLS_PG_BIN", "/usr/lib/postgresql/15/bin"))
+_db_counter = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_postgres(*args: str, timeout: float = 60) -> None:
+    result = subprocess.run(
+        ["runuser", "-u", "postgres", "--", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{Path(args[0]).name} failed ({result.returncode}): {result.stderr.strip()[-2000:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """DSN of the maintenance database ``postgres`` on a private server; stopped after the session."""
+    missing = [name for name in ("initdb", "pg_ctl") if not (PG_BIN / name).exists()]
+    if missing or shutil.which("runuser") is None:
+        pytest.fail(
+            f"PostgreSQL 15 server binaries not found in {PG_BIN} (need initdb, pg_ctl) or no runuser"
+        )
+    base = Path(tempfile.mkdtemp(prefix="qkdtls-pg-"))
+    shutil.chown(base, user="postgres", group="postgres")
+    data = base / "data"
+    port = _free_port()
+    _as_postgres(
+        str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    try:
+        _as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-o", options,
+            "-w", "-t", "30", "start",
+        )  # fmt: skip
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        try:
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{next(_db_counter)}"
+    with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
