@@ -341,7 +341,8 @@ def build_testbed_pki(
     for spec in zones:
         for serial in spec.saes.values():
             check_serial(serial)
-    generate_private_key(key_type)  # fail on an unknown key type before writing anything
+    if key_type not in KEY_TYPES:
+        raise PkiError(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
     root.mkdir(parents=True, exist_ok=True)
 
     built: dict[int, Zone] = {}

@@ -275,7 +275,7 @@ class Testbed:
 
         Follows the folder rule of docs/design.md: written under a ``.part`` name, then renamed to ``*.key``.
         """
-        folders = self.links[tuple(sorted(link))]  # type: ignore[index]
+        folders = self.links[(min(link), max(link))]
         payload = secrets.token_bytes(nbytes) if data is None else data
         folders.sequence = max(folders.sequence, *(self._last_sequence(f) for f in folders.folders)) + 1
         name = f"{folders.sequence:09d}.key"

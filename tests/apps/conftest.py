@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from qkdtls.apps.demo import DemoSites, demo_sites
 from qkdtls.pki import PkiLayout, ZoneSpec, build_testbed_pki
 
 SERVER_SAE = 2001
@@ -35,3 +37,11 @@ def classic_client_context(pki: PkiLayout) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.trust_bundle))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
+
+
+@pytest.fixture(scope="session")
+def qkd_sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoSites]:
+    """A running two-site testbed with TLS-QKD contexts for SAE 1001 (site A) and SAE 2001 (site B)."""
+    root = tmp_path_factory.mktemp("apps-testbed")
+    with demo_sites(root, progress=lambda _: None, key_bytes=1 << 18) as sites:
+        yield sites

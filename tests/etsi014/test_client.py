@@ -586,7 +586,7 @@ def test_prefetch_failure_falls_back_to_direct_requests(layout: pki.PkiLayout, k
     with KmeClient(_settings(layout, kme.url, prefetch=3)) as client:
         keys = [client.get_key(PEER_SAE) for _ in range(3)]
         assert len({k.key_ID for k in keys}) == 3
-        assert client._prefetcher is not None and client._prefetcher.available("2001") == 0
+        assert client.prefetch_available(PEER_SAE) == 0
 
 
 # --- asyncio ------------------------------------------------------------------------------------------------
@@ -602,3 +602,12 @@ async def test_async_client(layout: pki.PkiLayout, kme: ScriptedKme) -> None:
         assert (await client.status(PEER_SAE)).slave_SAE_ID == "2001"
         kme.handlers[("GET", "/api/v1/admin/links")] = _reply(200, {"links": []})
         assert await client.admin_links() == []
+
+
+def test_clients_leave_no_threads_behind(layout: pki.PkiLayout, kme: ScriptedKme) -> None:
+    for _ in range(5):
+        with KmeClient(_settings(layout, kme.url, prefetch=2)) as client:
+            client.get_key(PEER_SAE)
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("kme-client-watchdog") == 1  # one per process, shared by every client
+    assert "kme-client-prefetch" not in names

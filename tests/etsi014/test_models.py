@@ -205,7 +205,13 @@ def test_status_round_trip_and_invariants() -> None:
 
 def test_sae_info_and_error() -> None:
     assert SaeInfo.from_json({"SAE_ID": 1001, "KME_ID": 1}) == SaeInfo(1001, 1)
-    for bad in ({"SAE_ID": "1001", "KME_ID": 1}, {"SAE_ID": 1, "KME_ID": True}, []):
+    assert SaeInfo.from_json({"SAE_ID": -(2**63), "KME_ID": 2**63 - 1}).SAE_ID == -(2**63)
+    for bad in (
+        {"SAE_ID": "1001", "KME_ID": 1},
+        {"SAE_ID": 1, "KME_ID": True},
+        {"SAE_ID": 2**63, "KME_ID": 1},
+        [],
+    ):
         with pytest.raises(BadRequest):
             SaeInfo.from_json(bad)
     assert Error("no").to_json() == {"message": "no"}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
+from pathlib import Path
 
 from qkdtls.etsi014.models import (
     MSG_EXT_MANDATORY_UNSUPPORTED,
     MSG_KEYS_NOT_FOUND,
     MSG_SIZE_MULTIPLE_OF_8,
 )
+from qkdtls.testbed import Testbed
 
-from .conftest import SMALL_STOCK, Pair, Reply
+from .conftest import SMALL_STOCK, Pair, Reply, start_pair, stop_pair
 
 ENC = "/api/v1/keys/{}/enc_keys"
 DEC = "/api/v1/keys/{}/dec_keys"
@@ -164,3 +167,29 @@ async def test_admin_links_metrics_and_openapi(pair: Pair) -> None:
 
     spec = await pair.caller(1001).get("/api/v1/openapi.yaml")
     assert spec.status == 200 and spec.body.startswith(b"openapi: 3.0.3")
+
+
+async def test_stalled_handshakes_do_not_block_others(pair: Pair) -> None:
+    port = pair.testbed.kmes[1].sae_port
+    stalled = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+    try:
+        reply = await asyncio.wait_for(pair.caller(1002).get("/api/v1/sae/info/me"), timeout=3)
+        assert reply.status == 200
+    finally:
+        for _reader, writer in stalled:
+            writer.close()
+
+
+async def test_uncollected_keys_expire(tmp_path: Path) -> None:
+    service = {"reservation_ttl": 0.3, "peer_timeout": 0.5, "stale_hold_after": 1.0}
+    bed = Testbed.create(tmp_path / "bed", initial_key_bytes=4096, service=service, sweep_interval=0.1)
+    pair = await start_pair(bed)
+    try:
+        delivered = keys_of(await pair.caller(1001).post(ENC.format(2001), {"number": 2}))
+        await asyncio.sleep(0.8)
+        ids = {"key_IDs": [{"key_ID": k} for k in delivered]}
+        assert error(await pair.caller(2001).post(DEC.format(1001), ids), 400) == MSG_KEYS_NOT_FOUND
+        metrics = (await pair.admins[2].get("/metrics")).body.decode()
+        assert "qkdtls_kme_keys_expired_total 2.0" in metrics
+    finally:
+        await stop_pair(pair)

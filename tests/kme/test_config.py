@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,21 @@ def test_documented_example_is_complete_and_valid(tmp_path: Path) -> None:
     assert cfg.kme_id == 1 and cfg.peers[0].timeout == 5.0 and cfg.service.max_SAE_ID_count == 8
     assert cfg.store_url == f"sqlite://{tmp_path}/kme.sqlite3"
     assert cfg.saes[1].identity is not None and cfg.saes[1].identity.fingerprint is not None
+
+
+def test_qkdtls_command_validates_a_config(bed: Testbed) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "qkdtls", "kme", "check-config", "--config", str(bed.config_path(1))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "KME 1 (site A)" in ok.stdout
+    broken = bed.root / "broken.toml"
+    broken.write_text(bed.config_path(1).read_text().replace("[kme]\nid = 1", "[kme]\nid = 'x'"))
+    bad = subprocess.run(
+        [sys.executable, "-m", "qkdtls", "kme", "check-config", "--config", str(broken)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "broken.toml: kme.id: must be an integer" in bad.stderr
+    assert "Traceback" not in bad.stderr

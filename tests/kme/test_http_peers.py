@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 
 import pytest
 
 from qkdtls.kme.errors import PeerRejected, PeerUnavailable
-from qkdtls.kme.peers import HttpPeerGateway
+from qkdtls.kme.peers import RESERVATIONS_PATH, HttpPeerGateway
 from qkdtls.kme.reservation import Reservation, ReservedKey
 
-from .conftest import Pair
+from .conftest import Caller, Pair, tls_client_context
 
 
 def _reservation(blocks: tuple[int, ...]) -> Reservation:
@@ -59,3 +60,37 @@ async def test_unreachable_or_untrusted_peer_is_unavailable(pair: Pair) -> None:
             await gateway.reserve(7, _reservation((3,)))  # no route to KME 7
     finally:
         await gateway.close()
+
+
+async def test_concurrent_reservations_travel_as_one_batch(pair: Pair) -> None:
+    gateway = HttpPeerGateway(pair.config(2).peers)
+    try:
+        reservations = [_reservation((seq,)) for seq in (5, 7, 9, 11, 5)]  # the last reuses block 5
+        outcomes = await asyncio.gather(
+            *(gateway.reserve(1, r) for r in reservations), return_exceptions=True
+        )
+        assert sum(isinstance(o, PeerRejected) for o in outcomes) == 1
+        assert sum(o is None for o in outcomes) == 4
+        session = gateway._sessions[1]
+        assert session.connector is not None and len(session.connector._conns) == 1  # type: ignore[attr-defined]
+    finally:
+        await gateway.close()
+    metrics = (await pair.admins[1].get("/metrics")).body.decode()
+    # One HTTP request carried the five reservations.
+    assert 'qkdtls_kme_responses_total{route="/kme/v1/reservations",status="200"} 1.0' in metrics
+
+
+async def test_batch_answers_each_reservation(pair: Pair) -> None:
+    peer = pair.testbed.pki.zones[2].inter_kme_clients[1]
+    caller = Caller(
+        pair.testbed.inter_kme_url(1), tls_client_context(peer.cert, peer.key, pair.testbed.pki.zones[1].ca)
+    )
+    try:
+        good = _reservation((13,)).to_json()
+        reply = await caller.post(RESERVATIONS_PATH, {"reservations": [good, {"keys": 1}, good]})
+        assert reply.status == 200
+        assert [r["status"] for r in reply.json["results"]] == [200, 400, 409]
+        assert (await caller.post(RESERVATIONS_PATH, {"reservations": []})).status == 400
+        assert (await caller.post(RESERVATIONS_PATH, {"reservations": [good] * 65})).status == 400
+    finally:
+        await caller.close()

@@ -356,3 +356,50 @@ async def test_concurrent_masters_on_both_sides_never_share_a_key(bed: Bed) -> N
     keys = [bytes(k[i : i + 32]) for _, k, _ in done for i in (0, 32)]
     assert len(keys) == len(set(keys))
     assert len(done) >= 200  # 240 jobs, 600 + 100 blocks: nearly all served, a few local ones short
+
+
+@pytest.mark.postgres
+async def test_two_processes_of_one_kme_share_a_postgres_store(postgres_server: str) -> None:
+    """KME 1 runs as two instances on one PostgreSQL database; masters on all three instances at once."""
+    import psycopg
+
+    base = postgres_server.rsplit("/", 1)[0]
+    names = [f"svc{os.getpid()}_{k}" for k in (1, 2)]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f"CREATE DATABASE {name}")
+    gateway = Gateway()
+    one_a, one_b, two = (
+        KmeService(
+            ServiceSettings(kme_id=k, peer_timeout=5.0), open_store(f"{base}/{db}"), SAES, gateway, [1, 2]
+        )
+        for k, db in ((1, names[0]), (1, names[0]), (2, names[1]))
+    )
+    gateway.services.update({1: one_a, 2: two})
+    try:
+        data = os.urandom(32 * 400)
+        for svc, peer in ((one_a, 2), (two, 1)):
+            await svc.store.import_file(
+                peer, "0001.key", data, hashlib.sha256(data).hexdigest(), 32, local=False
+            )
+
+        async def cycle(master_svc: KmeService, master: int, slave: int) -> bytes | None:
+            try:
+                c = await master_svc.enc_keys(master, str(slave), KeyRequest())
+            except UnavailableError:
+                return None
+            slave_svc = two if slave // 10 == 2 else one_b
+            got = await slave_svc.dec_keys(slave, str(master), [c.keys[0].key_ID])
+            assert got.keys[0].key == c.keys[0].key
+            return c.keys[0].key
+
+        jobs = [(one_a, 11, 21), (one_b, 12, 22), (two, 21, 11)] * 50
+        results = await asyncio.wait_for(asyncio.gather(*(cycle(*j) for j in jobs)), timeout=60)
+        keys = [k for k in results if k is not None]
+        assert len(keys) == len(set(keys)) >= 140
+    finally:
+        for svc in (one_a, one_b, two):
+            await svc.close()
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

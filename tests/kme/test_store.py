@@ -228,3 +228,36 @@ async def test_two_postgres_instances_never_share_a_block(postgres_dsn: str) -> 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_sqlite_file_has_one_owner(tmp_path: Path) -> None:
+    from qkdtls.kme.store import StoreUnavailable
+    from qkdtls.kme.store.sqlite import SqliteKeyStore
+
+    path = str(tmp_path / "owned.sqlite3")
+    owner = SqliteKeyStore(path)
+    try:
+        await owner.free_blocks(LINK, 0)
+        with pytest.raises(StoreUnavailable):
+            SqliteKeyStore(path, busy_timeout_ms=50)
+    finally:
+        await owner.close()
+    await SqliteKeyStore(path).close()  # free again once the owner closed
+
+
+@pytest.mark.postgres
+async def test_postgres_picks_free_blocks_through_the_partial_index(postgres_dsn: str) -> None:
+    import psycopg
+
+    s = open_store(postgres_dsn)
+    try:
+        await feed(s, os.urandom(32 * 20_000))
+    finally:
+        await s.close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE blocks")
+        plan = conn.execute(
+            "EXPLAIN SELECT seq, data FROM blocks WHERE link = 2 AND direction = 0 AND held_by IS NULL "
+            "ORDER BY seq LIMIT 4 FOR UPDATE SKIP LOCKED"
+        ).fetchall()
+    assert "blocks_free" in " ".join(str(row[0]) for row in plan)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from qkdtls.cli.kme import main as kme_cli
 from qkdtls.etsi014.models import MSG_KEYS_NOT_FOUND
-from qkdtls.testbed import Testbed
+from qkdtls.testbed import Testbed, TestbedError
 
 from .conftest import SMALL_STOCK, Caller, tls_client_context
 
@@ -121,5 +123,59 @@ async def test_peer_down_or_hung_gives_bounded_503_and_keeps_the_stock(running: 
         # Back to normal: a full cycle works again.
         reply = await master.post("/api/v1/keys/2001/enc_keys")
         assert reply.status == 200, reply.body
+    finally:
+        await master.close()
+
+
+def test_sigterm_shuts_down_cleanly(running: Testbed) -> None:
+    bed = running
+    started = time.monotonic()
+    bed.stop_kme(1)
+    proc = bed.kmes[1].proc
+    assert proc is not None and proc.returncode == 0
+    assert time.monotonic() - started < 3.0
+    assert "Traceback" not in bed.log_tail(1, lines=200)
+
+
+async def test_new_key_files_are_imported_by_both_kmes(running: Testbed) -> None:
+    bed = running
+    master, other = _caller(bed, 1001), _caller(bed, 2001)
+    try:
+        before = (await _status_count(master, 2001), await _status_count(other, 1001))
+        bed.add_key_material(64 * 100)  # 200 blocks: 100 for each direction
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            after = (await _status_count(master, 2001), await _status_count(other, 1001))
+            if after == (before[0] + 100, before[1] + 100):
+                break
+            await asyncio.sleep(0.05)
+        assert after == (before[0] + 100, before[1] + 100)
+        reply = await master.post("/api/v1/keys/2001/enc_keys", {"number": 1})
+        assert reply.status == 200
+    finally:
+        await master.close()
+        await other.close()
+
+
+def test_port_in_use_is_reported_without_traceback(tmp_path: Path) -> None:
+    bed = Testbed.create(tmp_path / "bed", initial_key_bytes=1024)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", bed.kmes[1].sae_port))
+        squatter.listen()
+        with pytest.raises(TestbedError, match="exited with 2"):
+            bed.start_kme(1, timeout=20)
+    log = bed.log_tail(1)
+    assert "cannot start the KME" in log and "Traceback" not in log
+
+
+async def test_first_request_after_a_peer_restart_succeeds(running: Testbed) -> None:
+    bed = running
+    master = _caller(bed, 1001)
+    try:
+        for _ in range(3):
+            assert (await master.post("/api/v1/keys/2001/enc_keys")).status == 200
+            bed.restart(2)  # KME 1's kept-alive inter-KME connection is now dead
+            reply = await master.post("/api/v1/keys/2001/enc_keys")
+            assert reply.status == 200, reply.body
     finally:
         await master.close()

@@ -111,10 +111,12 @@ class ServerProcess:
     _output: list[bytes] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _changed: threading.Condition | None = None
+    _reader: threading.Thread | None = None
 
     def start_reader(self) -> None:
         self._changed = threading.Condition(self._lock)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None and self._changed is not None
@@ -163,6 +165,8 @@ class ServerProcess:
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)   # it ends at EOF once the process is gone; then the pipe can close
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -201,7 +205,7 @@ def connect_in_netns(pid: int, port: int, timeout: float) -> socket.socket:
 
 def start_openssl_server(*args: str) -> ServerProcess:
     """``openssl s_server -tls1_3`` on an ephemeral loopback port (it prints the port it bound)."""
-    argv = [require_tool("openssl"), "s_server", "-accept", f"{HOST}:0", "-tls1_3", "-no_ticket", *args]
+    argv = [require_tool("openssl"), "s_server", "-accept", f"{HOST}:0", "-tls1_3", *args]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = ServerProcess(proc)
     server.start_reader()
@@ -274,6 +278,7 @@ class ThreadServer:
         self._listener.settimeout(IO_TIMEOUT)
         self.port: int = self._listener.getsockname()[1]
         self.errors: list[BaseException] = []
+        self.results: list[object] = []   # what handlers report (e.g. a clean TLS shutdown)
         self._handler = handler
         self._thread = threading.Thread(target=self._run, args=(connections,), daemon=True)
         self._thread.start()
@@ -311,20 +316,26 @@ def python_ssl_echo(identity: Identity, client_ca: Path | None = None) -> Thread
         with ctx.wrap_socket(sock, server_side=True) as tls:
             data = tls.recv(65536)
             tls.sendall(b"echo:" + data)
-            with contextlib.suppress(ssl.SSLError, OSError):
-                tls.unwrap()
+            tls.unwrap()   # sends close_notify and waits for the client's
+            server.results.append("clean shutdown")
 
-    return ThreadServer(handle)
+    server = ThreadServer(handle)
+    return server
 
 
-def tlslite_echo(identity: Identity) -> ThreadServer:
-    from tlslite import HandshakeSettings, TLSConnection, X509, X509CertChain, parsePEMKey
+def tlslite_echo(identity: Identity, curves: Sequence[str] | None = None) -> ThreadServer:
+    """tlslite-ng server; ``curves`` limits its groups (a client share for none of them → HelloRetryRequest
+    with a cookie; "x25519mlkem768" needs the kyber-py package)."""
+    from tlslite import X509, HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
 
     chain = X509CertChain([X509().parse(identity.cert.read_text())])
     key = parsePEMKey(identity.key.read_text(), private=True)
     settings = HandshakeSettings()
     settings.minVersion = (3, 4)
     settings.maxVersion = (3, 4)
+    if curves is not None:
+        settings.eccCurves = list(curves)
+        settings.keyShares = [c for c in settings.keyShares if c in curves]
 
     def handle(sock: socket.socket) -> None:
         conn = TLSConnection(sock)
@@ -350,12 +361,14 @@ class Driver:
         self.incoming = incoming   # rewrites the peer's bytes before the connection sees them
         self.events: list[Event] = []
         self.received = bytearray()
+        self.sent = bytearray()   # everything the connection wrote, for wire-level assertions
         self.closed = False
         sock.settimeout(0.2)
 
     def flush(self) -> None:
         data = self.conn.data_to_send()  # type: ignore[attr-defined]
         if data:
+            self.sent += data
             self.sock.sendall(data)
 
     def _drain(self) -> None:

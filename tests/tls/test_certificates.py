@@ -6,10 +6,10 @@ import datetime as dt
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.peers.servers import Identity, ServerPki
 
 from qkdtls.tls.alerts import BadCertificate, CertificateExpired, UnknownCA
 from qkdtls.tls.certificates import verify_client_chain, verify_server_chain
-from tests.peers.servers import Identity, ServerPki
 
 
 def _der(identity: Identity) -> list[bytes]:

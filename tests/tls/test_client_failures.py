@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from tests.peers.servers import Driver, Identity, ServerPki, openssl_server
 
 from qkdtls.tls import records
 from qkdtls.tls.alerts import BadCertificate, BadRecordMac, CertificateExpired, UnknownCA
 from qkdtls.tls.client import TLSClient
 from qkdtls.tls.config import ClientConfig
 from qkdtls.tls.events import ApplicationData, KeyUpdated
-from tests.peers.servers import Driver, Identity, ServerPki, openssl_server
 
 pytestmark = pytest.mark.peers
+
+
+def _client(pki: ServerPki, server_name: str = "localhost") -> TLSClient:
+    return TLSClient(ClientConfig(trust=pki.trust(), qkd="off"), server_name)
 
 
 def _server_args(ident: Identity, *extra: str) -> tuple[str, ...]:
@@ -31,7 +35,7 @@ def test_certificate_rejections(server_pki: ServerPki, which: str, server_name: 
                                 alert_name: bytes) -> None:
     ident = server_pki.servers["ec-p256"] if which == "good" else getattr(server_pki, which)
     with openssl_server(*_server_args(ident, "-rev")) as server:
-        drv = Driver(server.connect(), TLSClient(ClientConfig(trust=server_pki.trust(), qkd="off"), server_name))
+        drv = Driver(server.connect(), _client(server_pki, server_name))
         with pytest.raises(error):
             drv.handshake()
         server.wait_output(alert_name)   # the alert reached the server
@@ -80,7 +84,7 @@ class FlipProtectedRecord:
 def test_tampered_server_record_is_bad_record_mac(server_pki: ServerPki, target: int) -> None:
     with openssl_server(*_server_args(server_pki.servers["ec-p256"], "-rev")) as server:
         flip = FlipProtectedRecord(target)
-        drv = Driver(server.connect(), TLSClient(ClientConfig(trust=server_pki.trust(), qkd="off"), "localhost"),
+        drv = Driver(server.connect(), _client(server_pki),
                      incoming=flip)
         with pytest.raises(BadRecordMac):
             drv.handshake()
@@ -110,7 +114,7 @@ def test_no_aead_nonce_repeats_under_one_key(server_pki: ServerPki, monkeypatch:
     monkeypatch.setattr(records.AeadProtection, "__init__", init)
     monkeypatch.setattr(records.AeadProtection, "_next_nonce", next_nonce)
     with openssl_server(*_server_args(server_pki.servers["ec-p256"])) as server:
-        drv = Driver(server.connect(), TLSClient(ClientConfig(trust=server_pki.trust(), qkd="off"), "localhost"))
+        drv = Driver(server.connect(), _client(server_pki))
         drv.handshake()
         for round_ in range(3):
             for i in range(3):
@@ -122,7 +126,10 @@ def test_no_aead_nonce_repeats_under_one_key(server_pki: ServerPki, monkeypatch:
             server.wait_output(b"u%d" % round_)
             server.write(b"a%d\n" % round_)   # OpenSSL sends the requested KeyUpdate with its next write
             drv.expect(b"a%d" % round_)
+            before = len(drv.events)
             server.write(b"K\n")
+            # s_server drops whatever else came in the same stdin read as "K": wait for its KeyUpdate first.
+            drv.pump_until(lambda start=before: any(isinstance(e, KeyUpdated) for e in drv.events[start:]))
             server.write(b"r%d\n" % round_)
             drv.expect(b"r%d" % round_)
         drv.close()

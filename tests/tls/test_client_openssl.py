@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from tests.peers.servers import Driver, ServerPki, openssl_server
 
 from qkdtls.tls.client import TLSClient
 from qkdtls.tls.config import ClientConfig
 from qkdtls.tls.events import KeyUpdated
 from qkdtls.tls.suites import CipherSuite
-from tests.peers.servers import Driver, ServerPki, openssl_server
 
 pytestmark = pytest.mark.peers
 
@@ -44,7 +44,8 @@ def test_cipher_suites(server_pki: ServerPki, suite: CipherSuite) -> None:
 
 def test_hello_retry_request_to_p256(server_pki: ServerPki) -> None:
     ident = server_pki.servers["ec-p256"]
-    with openssl_server("-cert", str(ident.cert), "-key", str(ident.key), "-rev", "-groups", "P-256") as server:
+    args = ("-cert", str(ident.cert), "-key", str(ident.key), "-rev", "-groups", "P-256")
+    with openssl_server(*args) as server:
         drv = _connect(server, server_pki)
         assert drv.handshake().info.group == "secp256r1"
         drv.send(b"retry\n")
@@ -70,7 +71,7 @@ def test_client_certificate_on_request(server_pki: ServerPki) -> None:
         drv.handshake()
         drv.send(b"authenticated\n")
         drv.expect(b"detacitnehtua")
-        assert b"client-test" in server.output
+        server.wait_output(b"client-test")   # s_server prints the subject of the verified client certificate
         drv.close()
 
 
@@ -97,3 +98,20 @@ def test_key_update_both_directions(server_pki: ServerPki) -> None:
         server.write(b"from-server\n")
         drv.expect(b"from-server")
         drv.close()
+
+
+def test_keylog_matches_openssl(server_pki: ServerPki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Our key schedule on a live handshake equals OpenSSL's: both write NSS key-log lines."""
+    ident = server_pki.servers["ec-p256"]
+    keylog = tmp_path / "server.keys"
+    lines: list[str] = []
+    with openssl_server("-cert", str(ident.cert), "-key", str(ident.key), "-rev",
+                        "-keylogfile", str(keylog)) as server:
+        drv = _connect(server, server_pki, keylog=lines.append)
+        drv.handshake()
+        drv.send(b"logged\n")
+        drv.expect(b"deggol")
+        drv.close()
+        server.wait_output(b"CONNECTION CLOSED")
+    theirs = {line for line in keylog.read_text().splitlines() if line and not line.startswith("#")}
+    assert len(lines) == 5 and set(lines) <= theirs

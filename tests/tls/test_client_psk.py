@@ -7,13 +7,13 @@ import uuid
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.peers.servers import Driver, ServerPki, gnutls_server, openssl_server
 
 from qkdtls.tls.alerts import AlertDescription, DecryptError, InsufficientSecurity, PeerAlert, TLSError
 from qkdtls.tls.client import TLSClient
 from qkdtls.tls.config import ClientConfig, QkdOffer
 from qkdtls.tls.qkd_secure import psk_identity
 from qkdtls.tls.suites import CipherSuite
-from tests.peers.servers import Driver, ServerPki, gnutls_server, openssl_server
 
 pytestmark = pytest.mark.peers
 SHA256_SUITE = CipherSuite.TLS_CHACHA20_POLY1305_SHA256   # OpenSSL's command-line PSK is SHA-256
@@ -23,10 +23,10 @@ def _offer(master: int = 7) -> QkdOffer:
     return QkdOffer(key_id=str(uuid.uuid4()), key=os.urandom(32), master_sae_id=master)
 
 
-def _openssl_psk(offer: QkdOffer, key: bytes | None = None):  # type: ignore[no-untyped-def]
+def _openssl_psk(offer: QkdOffer, *extra: str, key: bytes | None = None):  # type: ignore[no-untyped-def]
     identity = psk_identity(offer.master_sae_id, offer.key_id).decode()
     return openssl_server("-nocert", "-psk", (key or offer.key).hex(), "-psk_identity", identity,
-                          "-ciphersuites", SHA256_SUITE.name, "-rev")
+                          "-ciphersuites", SHA256_SUITE.name, "-rev", *extra)
 
 
 def _client(offer: QkdOffer, qkd: str = "preferred", pki: ServerPki | None = None) -> TLSClient:
@@ -43,6 +43,18 @@ def test_secure_profile_with_openssl_psk_server() -> None:
         assert info.peer_certificate is None and info.cipher == SHA256_SUITE.name
         drv.send(b"quantum\n")
         drv.expect(b"mutnauq")
+        drv.close()
+
+
+def test_secure_profile_after_hello_retry_request() -> None:
+    """The binder of the second ClientHello covers message_hash(ClientHello1) and the HRR (§4.2.11.2)."""
+    offer = _offer()
+    with _openssl_psk(offer, "-groups", "P-256") as server:
+        drv = Driver(server.connect(), _client(offer, "required"))
+        info = drv.handshake().info
+        assert (info.profile, info.group) == ("secure", "secp256r1")
+        drv.send(b"retried\n")
+        drv.expect(b"deirter")
         drv.close()
 
 
@@ -65,7 +77,8 @@ def test_secure_profile_with_gnutls_psk_server(tmp_path) -> None:  # type: ignor
     passwd = tmp_path / "psk.passwd"
     # The identity contains ':' (the file's separator), so it is written in GnuTLS's '#hex' form.
     passwd.write_text(f"#{identity.hex()}:{offer.key.hex()}\n")
-    with gnutls_server(f"--pskpasswd={passwd}", "--priority=NORMAL:-VERS-ALL:+VERS-TLS1.3:+ECDHE-PSK:+PSK") as srv:
+    priority = "--priority=NORMAL:-VERS-ALL:+VERS-TLS1.3:+ECDHE-PSK:+PSK"
+    with gnutls_server(f"--pskpasswd={passwd}", priority) as srv:
         drv = Driver(srv.connect(), _client(offer, "required"))
         info = drv.handshake().info
         assert (info.mode, info.profile) == ("qkd", "secure")

@@ -7,13 +7,13 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.tls import rfc8448 as v
 
 from qkdtls.tls import extensions as ext
 from qkdtls.tls import messages as msg
 from qkdtls.tls.alerts import TLSError
 from qkdtls.tls.buffer import Reader
 from qkdtls.tls.records import HandshakeBuffer, RecordLayer
-from tests.tls import rfc8448 as v
 
 DECODERS: dict[str, Callable[[bytes], object]] = {
     "ClientHello": msg.ClientHello.decode,

@@ -121,3 +121,16 @@ def test_tampered_application_record(position: int, flip: int) -> None:
     record[5 + position % (len(record) - 5)] ^= flip
     seen = drive(server, [bytes(record)])
     assert isinstance(seen[-1], TLSAlert) and seen[-1].description == AlertDescription.bad_record_mac
+
+
+def test_first_flight_is_bounded() -> None:
+    # A ClientHello claiming 2^20 bytes: refused (required) or handed to OpenSSL (preferred) at once,
+    # instead of buffering until the claimed length arrived.
+    header = bytes.fromhex("1603034000") + bytes.fromhex("01100000")
+    record = header + bytes(0x4000 - 4)
+    strict = TLSServer(ServerConfig(qkd="required"))
+    seen = drive(strict, [record])
+    assert isinstance(seen[-1], TLSAlert) and seen[-1].description == AlertDescription.decode_error
+    lenient = TLSServer(ServerConfig(qkd="preferred"))
+    seen = drive(lenient, [record])
+    assert isinstance(seen[-1], HandOff) and seen[-1].initial_data == record

@@ -1,11 +1,10 @@
 """The key schedule reproduces RFC 8448 §3 value by value."""
 
 from cryptography.hazmat.primitives.asymmetric import x25519
+from tests.tls import rfc8448 as v
 
 from qkdtls.tls.key_schedule import KeySchedule, Transcript
 from qkdtls.tls.suites import CipherSuite
-
-from tests.tls import rfc8448 as v
 
 H = bytes.fromhex
 

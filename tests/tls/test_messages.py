@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tests.tls import rfc8448 as v
 
 from qkdtls.tls import extensions as ext
 from qkdtls.tls.alerts import DecodeError, IllegalParameter
@@ -20,7 +21,6 @@ from qkdtls.tls.messages import (
     NewSessionTicket,
     ServerHello,
 )
-from tests.tls import rfc8448 as v
 
 H = bytes.fromhex
 CODECS = {
@@ -54,7 +54,8 @@ def test_client_hello_fields() -> None:
 def test_server_hello_and_hrr() -> None:
     hello = ServerHello.decode(H(v.SERVER_HELLO)[4:])
     assert not hello.is_hello_retry_request and hello.cipher_suite == 0x1301
-    hrr = ServerHello(HRR_RANDOM, b"", 0x1301, [ext.Extension(ext.ET.key_share, ext.encode_key_share_hrr(0x17))])
+    share = ext.Extension(ext.ET.key_share, ext.encode_key_share_hrr(0x17))
+    hrr = ServerHello(HRR_RANDOM, b"", 0x1301, [share])
     assert ServerHello.decode(hrr.encode()).is_hello_retry_request
 
 
@@ -87,7 +88,8 @@ def test_key_update_values() -> None:
 def test_other_messages_roundtrip() -> None:
     ticket = NewSessionTicket(7200, 1, b"\x00", b"ticket")
     assert NewSessionTicket.decode(ticket.encode()) == ticket
-    request = CertificateRequest(b"", [ext.Extension(ext.ET.signature_algorithms, ext.encode_u16_list([0x0403]))])
+    schemes = ext.Extension(ext.ET.signature_algorithms, ext.encode_u16_list([0x0403]))
+    request = CertificateRequest(b"", [schemes])
     assert CertificateRequest.decode(request.encode()) == request
     assert Certificate.decode(Certificate().encode()).entries == []
     with pytest.raises(DecodeError):

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from tests.peers.clients import PeerPki, server_ssl_context, tls_pki
 
 from qkdtls.net.handoff import ClassicSession
+from qkdtls.tls import extensions as ext
 from qkdtls.tls import qkd_reference, records
 from qkdtls.tls import server as server_module
 from qkdtls.tls.alerts import AlertDescription, PeerAlert, TLSAlert
@@ -30,7 +31,11 @@ from qkdtls.tls.events import (
     NeedRekeyKey,
     QkdRekeyed,
 )
+from qkdtls.tls.extensions import ExtensionType as ET
+from qkdtls.tls.key_schedule import KeySchedule
+from qkdtls.tls.messages import ClientHello, ServerHello
 from qkdtls.tls.server import TLSServer
+from qkdtls.tls.suites import CipherSuite
 
 __all__ = ["tls_pki"]
 
@@ -343,9 +348,12 @@ def test_close_notify_both_ways(pki_objects: Pki) -> None:
     pair.client.close()
     pair.pump()
     assert pair.run.server_events[-1] == ConnectionClosed(None)
+    pair.server.send_data(b"answer after the client's close_notify")  # TLS 1.3 half-close
     pair.server.close()
     pair.pump()
+    assert pair.run.data("client") == b"answer after the client's close_notify"
     assert pair.run.client_events[-1] == ConnectionClosed(None)
+    assert pair.server.state.name == "CLOSED"
 
 
 def test_server_close_first_still_reads_until_peer_close(pki_objects: Pki) -> None:
@@ -531,9 +539,6 @@ def test_reference_profile_reuses_nonces_as_documented(
 
 
 def test_reference_wire_format_matches_the_fork(pki_objects: Pki) -> None:
-    from qkdtls.tls.extensions import ExtensionType as ET
-    from qkdtls.tls.messages import ServerHello
-
     pair = make_pair(
         pki_objects, client_profiles=("reference",), server_profiles=("reference",), client_qkd="required"
     )
@@ -574,3 +579,32 @@ def test_repeated_rekeys_with_data_in_flight(pki_objects: Pki) -> None:
     assert len([e for e in pair.run.server_events if isinstance(e, QkdRekeyed)]) == 3
     assert b"server before 2" in pair.run.data("client")
     assert b"client after 2" in pair.run.data("server")
+
+
+def _without(hello_record: bytes, ext_type: int, key: bytes) -> bytes:
+    """The client's ClientHello record minus one extension, with the binder recomputed for ``key``."""
+    hello = ClientHello.decode(hello_record[9:])
+    hello.extensions = [e for e in hello.extensions if e.type != ext_type]
+    raw = hello.to_bytes()
+    offered = ext.OfferedPsks.decode(hello.extensions[-1].data)
+    truncated = raw[: len(raw) - ext.binders_length(offered.binders)]
+    schedule = KeySchedule(CipherSuite.TLS_AES_256_GCM_SHA384)
+    schedule.extract_early(key)
+    digest = hashes.Hash(schedule.algorithm)
+    digest.update(truncated)
+    binder = schedule.finished_verify_data(schedule.binder_key(), digest.finalize())
+    psk = ext.OfferedPsks(offered.identities, (binder,)).encode()
+    hello.extensions[-1] = ext.Extension(ext.ET.pre_shared_key, psk)
+    body = hello.to_bytes()
+    return bytes.fromhex("160301") + len(body).to_bytes(2, "big") + body
+
+
+def test_psk_offer_without_key_share_is_missing_extension(pki_objects: Pki) -> None:
+    key = os.urandom(32)
+    pair = make_pair(pki_objects, server_qkd="required", key=key)
+    record = _without(pair.client.data_to_send(), ET.key_share, key)
+    pair.server.receive_data(record)
+    assert isinstance(pair.server.next_event(), NeedQkdKey)
+    with pytest.raises(TLSAlert) as info:
+        pair.server.provide_qkd_key(key)
+    assert info.value.description == AlertDescription.missing_extension

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from qkdtls.tls.alerts import DecryptError, HandshakeFailure, IllegalParameter
 from qkdtls.tls.signatures import DEFAULT_SCHEMES, SignatureScheme, choose_scheme, sign, verify
 
+S = SignatureScheme
 KEYS = {
     "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
     "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
@@ -35,11 +36,11 @@ def test_scheme_rules() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     sig = sign(key, SignatureScheme.ecdsa_secp256r1_sha256, b"h" * 32, True)
     with pytest.raises(IllegalParameter):   # not offered
-        verify(key.public_key(), SignatureScheme.ecdsa_secp256r1_sha256, sig, b"h" * 32, True, offered=[0x0807])
+        verify(key.public_key(), S.ecdsa_secp256r1_sha256, sig, b"h" * 32, True, offered=[0x0807])
     with pytest.raises(IllegalParameter):   # does not fit the key
         verify(key.public_key(), SignatureScheme.ed25519, sig, b"h" * 32, True, offered=DEFAULT_SCHEMES)
     with pytest.raises(IllegalParameter):   # PKCS#1 v1.5 is never valid in CertificateVerify
-        verify(key.public_key(), SignatureScheme.rsa_pkcs1_sha256, sig, b"h" * 32, True, offered=DEFAULT_SCHEMES)
+        verify(key.public_key(), S.rsa_pkcs1_sha256, sig, b"h" * 32, True, offered=DEFAULT_SCHEMES)
     with pytest.raises(IllegalParameter):
         verify(key.public_key(), 0xEEEE, sig, b"h" * 32, True, offered=DEFAULT_SCHEMES)
     with pytest.raises(HandshakeFailure):

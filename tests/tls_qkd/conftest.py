@@ -1,7 +1,8 @@
 """Two real KMEs on loopback (the testbed) and the SAEs that talk through them.
 
 SAE 1001 (site A, KME 1) is the TLS client; SAE 2001 (site B, KME 2) runs the TLS server. Their KME clients
-are shared by the tests of a module (kept-alive connections, as an application would keep them).
+are shared by all tests (kept-alive connections, as an application would keep them); a test that stops a
+KME builds its own testbed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Site:
     app_ca: Path  # CA of this site's zone: what a peer trusts for this site's application server
 
 
-def _site(tb: Testbed, sae_id: int) -> Site:
+def site_for(tb: Testbed, sae_id: int) -> Site:
     cert, key, ca = tb.sae_credentials(sae_id)
     app_cert, app_key, app_ca = tb.app_server_credentials(sae_id)
     settings = KmeClientSettings(
@@ -42,29 +43,29 @@ def _site(tb: Testbed, sae_id: int) -> Site:
     return Site(sae_id, settings, app_cert, app_key, app_ca)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     with Testbed.create(tmp_path_factory.mktemp("testbed"), initial_key_bytes=1 << 18) as tb:
         yield tb
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def site_a(testbed: Testbed) -> Site:
-    return _site(testbed, CLIENT_SAE)
+    return site_for(testbed, CLIENT_SAE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def site_b(testbed: Testbed) -> Site:
-    return _site(testbed, SERVER_SAE)
+    return site_for(testbed, SERVER_SAE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kme_a(site_a: Site) -> Iterator[KmeClient]:
     with KmeClient(site_a.kme) as client:
         yield client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kme_b(site_b: Site) -> Iterator[KmeClient]:
     with KmeClient(site_b.kme) as client:
         yield client

@@ -18,7 +18,7 @@ from tests.peers.clients import OneShotServer
 from tests.tls_qkd.conftest import HOST, SERVER_SAE, TIMEOUT, Site, client_context, echo_once, server_context
 
 from qkdtls.etsi014.client import KmeClient
-from qkdtls.net.errors import QKDError, QKDHandshakeError, QKDPolicyError
+from qkdtls.net.errors import QKDError, QKDPolicyError
 from qkdtls.tls.alerts import AlertDescription
 
 PROFILE_SETS = (("secure",), ("reference",), ("secure", "reference"))
@@ -119,16 +119,17 @@ def test_cell(client: Side, server: Side, site_b: Site, kme_a: KmeClient, kme_b:
 def _assert_refused(
     client: Side, server: Side, exc: BaseException, server_errors: list[BaseException]
 ) -> None:
+    """The server decides first (it sees the ClientHello); a required client refuses what the server chose."""
     insufficient = AlertDescription.insufficient_security
-    if client.policy == "required":
-        # Our client refuses: it sends insufficient_security itself (or its peer already did).
-        assert isinstance(exc, QKDHandshakeError)
-        assert exc.alert == insufficient, exc
-    else:
-        # Our server refuses; a QKD client reports the alert it received.
-        assert server.policy == "required"
+    if server.policy == "required":
         assert any(isinstance(e, QKDPolicyError) and e.alert == insufficient for e in server_errors), (
             server_errors
         )
-        if isinstance(exc, QKDHandshakeError):
-            assert exc.alert == insufficient and exc.sent_by_peer, exc
+        if client.policy is not None:
+            assert isinstance(exc, QKDPolicyError) and exc.sent_by_peer, exc
+        else:
+            assert isinstance(exc, ssl.SSLError) and "INSUFFICIENT_SECURITY" in str(exc).upper(), exc
+    else:
+        assert client.policy == "required"
+        assert isinstance(exc, QKDPolicyError) and not exc.sent_by_peer, exc
+        assert exc.alert == insufficient

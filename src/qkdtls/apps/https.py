@@ -53,7 +53,9 @@ def _is_qkd_context(context: object) -> bool:
 
 
 def _nodelay(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Handshake flights and media frames are latency-bound: Nagle must not hold them back.
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def tls_connect(
@@ -223,7 +225,8 @@ class HttpsServer:
             try:
                 stream = tls_accept(self.context, raw, self.handshake_timeout)
             except (OSError, ValueError) as exc:
-                self.handshakes_failed += 1
+                with self._lock:
+                    self.handshakes_failed += 1
                 log.info("handshake failed", extra={"event": "https.handshake_failed", "error": str(exc)})
                 return
             stream.settimeout(self.idle_timeout)
@@ -264,7 +267,8 @@ class HttpsServer:
                 return
             code, ctype, payload = self._respond(event, status)
             _send(stream, conn, code, ctype, payload)
-            self.served += 1
+            with self._lock:
+                self.served += 1
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:

@@ -90,6 +90,7 @@ class Run:
     client_kme_connections: int
     server_kme_requests: int
     server_kme_connections: int
+    server_collect_ms: float
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Series:
             "client_kme_connections": self.mean_of(lambda r: r.client_kme_connections),
             "server_kme_requests": self.mean_of(lambda r: r.server_kme_requests),
             "server_kme_connections": self.mean_of(lambda r: r.server_kme_connections),
+            "server_dec_keys_ms": round(self.mean_of(lambda r: r.server_collect_ms), 3),
         }
 
 
@@ -143,16 +145,30 @@ def _kme_settings(url: str, cert: str, key: str, ca: str, prefetch: int = 0) -> 
 
 
 class _KmeCounters:
-    """Requests and connections of KME clients, including those of contexts already closed."""
+    """Requests and connections of KME clients, including those of contexts already closed, and the time
+    spent collecting keys (``dec_keys``) during handshakes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._closed = [0, 0]
         self._live: list[Any] = []
+        self.collect_ms = 0.0
 
     def track(self, ctx: Any) -> Any:
         with self._lock:
             self._live.append(ctx)
+        collect = ctx.keys.collect
+
+        def timed_collect(master_sae_id: int, key_id: str) -> bytes | None:
+            start = time.perf_counter()
+            try:
+                return collect(master_sae_id, key_id)  # type: ignore[no-any-return]
+            finally:
+                with self._lock:
+                    self.collect_ms += (time.perf_counter() - start) * 1000
+
+        # Instrumentation for the benchmark only: the key source is the context's, this measures its call.
+        ctx.keys.collect = timed_collect
         return ctx
 
     def retire(self, ctx: Any) -> None:
@@ -253,7 +269,8 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     for line in sys.stdin:
         if line.strip() == "stats":
             requests, connections = counters.totals()
-            print(json.dumps({"kme_requests": requests, "kme_connections": connections}), flush=True)
+            print(json.dumps({"kme_requests": requests, "kme_connections": connections,
+                              "collect_ms": counters.collect_ms}), flush=True)
     stop.set()
     for thread in threads:
         thread.join(2)
@@ -283,12 +300,13 @@ class _ServerProcess:
         doc: dict[str, Any] = json.loads(line)
         return doc
 
-    def kme_counters(self) -> tuple[int, int]:
+    def kme_counters(self) -> tuple[int, int, float]:
+        """KME requests, new KME connections and milliseconds spent in dec_keys, so far."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("stats\n")
         self.proc.stdin.flush()
         doc = self._read()
-        return int(doc["kme_requests"]), int(doc["kme_connections"])
+        return int(doc["kme_requests"]), int(doc["kme_connections"]), float(doc["collect_ms"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -465,6 +483,7 @@ def measure(
                 series.runs.append(Run(
                     ms, mode, counters[variant.route], kme_link, requests, connections,
                     server_after[0] - server_before[0], server_after[1] - server_before[1],
+                    server_after[2] - server_before[2],
                 ))
         finally:
             client.close()
@@ -490,11 +509,12 @@ def markdown_table(results: Sequence[Series], runs: int, store: str) -> str:
         "Time from `connect()` to the first application record received (TCP + handshake + one "
         "request/answer), KME requests included; ms. Ratio: mean / mean of TLS 1.3 (Python ssl) at the "
         "same RTT. SAE/KME link: relay chunks (flights) per handshake between the sites; KME req/conn: "
-        "requests and new connections of both SAEs to their KMEs per handshake.",
+        "requests and new connections of both SAEs to their KMEs per handshake; dec_keys: time the server "
+        "SAE waited for its KME's key during the handshake.",
         "",
         "| RTT (measured) | variant | min | mean | median | max | ratio | SAE link | KME link "
-        "| KME req/conn |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| KME req/conn | dec_keys |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     baseline = {s.rtt_ms: s.stat("mean") for s in results if s.variant.key == "tls13"}
     for s in results:
@@ -507,7 +527,7 @@ def markdown_table(results: Sequence[Series], runs: int, store: str) -> str:
             f"{doc['mean']:.2f} | {doc['median']:.2f} | {doc['max']:.2f} | {ratio:.2f}x | "
             f"{doc['sae_link_chunks']:.1f} ({doc['sae_link_flights']:.1f}) | "
             f"{doc['kme_link_chunks']:.1f} ({doc['kme_link_flights']:.1f}) | "
-            f"{requests:.1f}/{conns:.1f} |"
+            f"{requests:.1f}/{conns:.1f} | {doc['server_dec_keys_ms']:.2f} |"
         )
     lines += [
         "",

@@ -89,11 +89,13 @@ def _load(path: Path) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from qkdtls.kme.server import serve
+    from qkdtls.kme.store import StoreError
 
     config = _load(args.config)
     try:
         asyncio.run(serve(config, ready_file=args.ready_file))
-    except OSError as exc:
+    except (OSError, StoreError, ValueError) as exc:
+        # Port in use, unreadable certificate or key, database unreachable: the operator's to fix.
         raise UserError(f"cannot start the KME: {exc}") from None
     return 0
 

@@ -95,7 +95,7 @@ def cmd_qkd_link(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     stopped = " (stopped)" if stop.is_set() else ""
     print(
-        f"wrote {result.files} files, {_human(result.bytes)} to each folder in {result.elapsed:.1f} s"
+        f"wrote {_files(result.files)}, {_human(result.bytes)} to each folder in {result.elapsed:.1f} s"
         f" ({_human(result.rate)}/s){stopped}; last {result.last_name or '-'}"
     )
     return 0
@@ -114,11 +114,15 @@ class _Reporter:
             return
         self.last = now
         print(
-            f"  {progress.last_name}  {progress.files} files  {_human(progress.bytes)}"
+            f"  {progress.last_name}  {_files(progress.files)}  {_human(progress.bytes)}"
             f"  {_human(progress.rate)}/s",
             file=sys.stdout,
             flush=True,
         )
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _entropy(qber: float) -> float:

@@ -171,8 +171,15 @@ def _kme_settings(args: argparse.Namespace, prefetch: int = 0) -> Any:
     )
 
 
-def describe(info: ConnectionInfo, handshake_seconds: float | None) -> list[tuple[str, str]]:
-    """The connection facts, in the order both commands print them."""
+def describe(
+    info: ConnectionInfo, handshake_seconds: float | None, peer_sae_id: int | None = None
+) -> list[tuple[str, str]]:
+    """The connection facts, in the order both commands print them.
+
+    A client knows its peer's SAE ID from its own settings (the server learns it from the PSK identity).
+    """
+    if info.peer_sae_id is not None or info.mode != "qkd":
+        peer_sae_id = info.peer_sae_id
     facts = [
         ("mode", info.mode),
         ("profile", info.profile or "-"),
@@ -180,7 +187,7 @@ def describe(info: ConnectionInfo, handshake_seconds: float | None) -> list[tupl
         ("cipher", info.cipher),
         ("version", info.version),
         ("group", info.group or "-"),
-        ("peer SAE ID", str(info.peer_sae_id) if info.peer_sae_id is not None else "-"),
+        ("peer SAE ID", str(peer_sae_id) if peer_sae_id is not None else "-"),
         ("ALPN", info.alpn or "-"),
     ]
     if handshake_seconds is not None:
@@ -231,7 +238,7 @@ def run_client(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     try:
         if not args.quiet and conn.info is not None:
-            for name, value in describe(conn.info, elapsed):
+            for name, value in describe(conn.info, elapsed, conn.target_sae_id):
                 print(f"{name}: {value}", file=sys.stderr)
             sys.stderr.flush()
         conn.settimeout(None)

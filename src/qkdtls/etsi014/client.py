@@ -19,6 +19,7 @@ import functools
 import http.client
 import json
 import logging
+import os
 import re
 import select
 import socket
@@ -120,17 +121,19 @@ class KmeClientSettings:
 
 
 class _Watchdog:
-    """Shuts down the socket of any request that passes its deadline, waking the blocked reader."""
+    """Shuts down the socket of any request that passes its deadline, waking the blocked reader.
+
+    One per process, shared by all clients: its thread sleeps until the earliest armed deadline.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._armed: dict[_Connection, float] = {}
-        self._closed = False
         self._thread: threading.Thread | None = None
 
     def arm(self, conn: _Connection) -> None:
         with self._cond:
-            if self._thread is None and not self._closed:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kme-client-watchdog", daemon=True)
                 self._thread.start()
             conn.fired = False
@@ -145,16 +148,15 @@ class _Watchdog:
             self._armed.pop(conn, None)
             return conn.fired
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)
+    def _reset_after_fork(self) -> None:
+        # The child of a fork has no watchdog thread and inherits a lock possibly held by it: start afresh.
+        self._cond = threading.Condition()
+        self._armed = {}
+        self._thread = None
 
     def _run(self) -> None:
         with self._cond:
-            while not self._closed:
+            while True:
                 if not self._armed:
                     self._cond.wait()
                     continue
@@ -166,6 +168,10 @@ class _Watchdog:
                         conn.abort()
                 if self._armed:
                     self._cond.wait(max(0.0, min(self._armed.values()) - now))
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._reset_after_fork)
 
 
 # --- connections --------------------------------------------------------------------------------------------
@@ -210,11 +216,13 @@ class _Connection(http.client.HTTPSConnection):
         """False if the server closed this idle connection (EOF or stray bytes are readable)."""
         if self.sock is None:
             return False
+        # poll, not select: select() cannot watch descriptors numbered 1024 or above.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+            return not poller.poll(0)
+        except OSError:
             return False
-        return not readable
 
 
 class _StaleConnection(Exception):
@@ -248,7 +256,7 @@ class KmeClient:
         self._base = parts.path.rstrip("/")
         self._origin = f"https://{parts.netloc}"
         self._context = self._make_context(settings)
-        self._watchdog = _Watchdog()
+        self._watchdog = _WATCHDOG
         self._slots = threading.BoundedSemaphore(settings.pool_size)
         self._idle: list[_Connection] = []
         self._all: list[_Connection] = []
@@ -373,6 +381,12 @@ class KmeClient:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
+    def prefetch_available(self, slave_sae_id: int | str, size: int | None = None) -> int:
+        """Keys ready in the prefetch pool for ``slave_sae_id`` (0 when prefetch is off)."""
+        if self._prefetcher is None:
+            return 0
+        return self._prefetcher.available(_sae_id(slave_sae_id), size)
+
     @property
     def connections_opened(self) -> int:
         """TCP connections opened so far (kept-alive reuse keeps this low)."""
@@ -392,7 +406,6 @@ class KmeClient:
             self._closed = True
         if self._prefetcher is not None:
             self._prefetcher.close()
-        self._watchdog.close()
         with self._lock:
             conns, self._idle = list(self._all), []
         for conn in conns:
@@ -628,7 +641,7 @@ class _Prefetcher:
             (target, size), number = job
             try:
                 self._refill(target, size, number)
-            except KmeClientError as exc:
+            except Exception as exc:  # a failed refill must not end prefetching: callers fall back meanwhile
                 with self._cond:
                     previous = self._backoff.get((target, size), _REFILL_BACKOFF[0] / 2)
                     pause = min(previous * 2, _REFILL_BACKOFF[1])

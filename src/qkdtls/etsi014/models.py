@@ -329,8 +329,8 @@ class SaeInfo:
         if not isinstance(doc, dict):
             raise BadRequest("SAE info must be a JSON object")
         sae, kme = doc.get("SAE_ID"), doc.get("KME_ID")
-        if not isinstance(sae, int) or isinstance(sae, bool):
-            raise BadRequest("SAE_ID must be an integer")
-        if not isinstance(kme, int) or isinstance(kme, bool):
-            raise BadRequest("KME_ID must be an integer")
+        for name, value in (("SAE_ID", sae), ("KME_ID", kme)):
+            # IDs are signed 64-bit integers (docs/design.md, Identities).
+            if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+                raise BadRequest(f"{name} must be a 64-bit integer")
         return cls(SAE_ID=sae, KME_ID=kme)

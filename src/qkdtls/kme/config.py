@@ -7,7 +7,6 @@ directory of the configuration file. ``docs/kme.example.toml`` documents every f
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,16 +117,6 @@ class KmeConfig:
 
     def sae_entries(self) -> dict[int, SaeEntry]:
         return {s.sae_id: s.entry() for s in self.saes}
-
-    def with_ports(self, sae_port: int, inter_kme_port: int | None = None) -> KmeConfig:
-        """A copy listening on other ports (tests and the testbed bind port 0 in-process)."""
-        sae = dataclasses.replace(
-            self.sae_interface, listen=dataclasses.replace(self.sae_interface.listen, port=sae_port)
-        )
-        inter = self.inter_kme
-        if inter is not None and inter_kme_port is not None:
-            inter = dataclasses.replace(inter, listen=dataclasses.replace(inter.listen, port=inter_kme_port))
-        return dataclasses.replace(self, sae_interface=sae, inter_kme=inter)
 
 
 class _Reader:
@@ -286,6 +275,12 @@ def _identity(r: _Reader, *, required: bool) -> CertIdentity | None:
     return CertIdentity(serial=serial, fingerprint=fingerprint)
 
 
+def _required_identity(r: _Reader) -> CertIdentity:
+    identity = _identity(r, required=True)
+    assert identity is not None  # _identity raised otherwise
+    return identity
+
+
 def _host_port(r: _Reader, name: str) -> tuple[str, int]:
     text = r.string(name, required=True)
     host, sep, port = text.rpartition(":")
@@ -355,7 +350,7 @@ def _peer(r: _Reader) -> Peer:
         client_key=r.path("client_key"),
         ca=r.path("ca"),
         server_name=r.optional_string("server_name"),
-        identity=_identity(r, required=True),  # type: ignore[arg-type]
+        identity=_required_identity(r),
         folder=r.path("folder", kind="dir"),
         delete_after_import=r.boolean("delete_after_import", False),
         timeout=r.number("timeout", 5.0, hi=300.0),
@@ -447,8 +442,7 @@ def parse_config(
     admins: list[AdminConfig] = []
     for a in root.tables("admins"):
         name = a.string("name", "admin")
-        identity = _identity(a, required=True)
-        assert identity is not None
+        identity = _required_identity(a)
         a.finish()
         admins.append(AdminConfig(name=name, identity=identity))
 

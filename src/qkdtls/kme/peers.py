@@ -2,10 +2,14 @@
 
 Server side: ``POST /kme/v1/reservations`` on its own listener with mutual TLS (client certificate required).
 The caller's certificate is mapped to a peer KME ID; a certificate that is not a configured peer's gets 401,
-so one KME cannot reserve blocks of a link it is not part of.
+so one KME cannot reserve blocks of a link it is not part of. The body is one reservation
+(``Reservation.to_json()``), answered by the HTTP status, or a batch ``{"reservations": [...]}``, answered
+200 with one ``{"status", "message"}`` per reservation in order.
 
 Client side: :class:`HttpPeerGateway`, one kept-alive aiohttp session per peer with a bounded total timeout.
-Outcomes the master KME must tell apart (docs/design.md, key lifecycle):
+Reservations made while another is on the wire are sent together as one batch: under load one request
+(and one commit at the peer) carries many keys, without delaying a lone request. Outcomes the master KME
+must tell apart (docs/design.md, key lifecycle):
 
 - 200: the peer committed the reservation;
 - 409 (``BlocksTakenError``): the peer's copies of the blocks are used already → :class:`PeerRejected`
@@ -15,10 +19,12 @@ Outcomes the master KME must tell apart (docs/design.md, key lifecycle):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -26,10 +32,10 @@ from aiohttp import web
 
 from qkdtls.kme.auth import IdentityMap, client_context, peer_certificate
 from qkdtls.kme.config import Peer
-from qkdtls.kme.errors import BadRequestError, PeerRejected, PeerUnavailable, UnauthorizedError
+from qkdtls.kme.errors import BadRequestError, KmeError, PeerRejected, PeerUnavailable, UnauthorizedError
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.reservation import Reservation
-from qkdtls.kme.routes import error_middleware, json_response, parse_json_body
+from qkdtls.kme.routes import MSG_INTERNAL, error_middleware, json_response, parse_json_body
 from qkdtls.kme.service import KmeService
 
 log = logging.getLogger("qkdtls.kme.peers")
@@ -38,6 +44,11 @@ RESERVATIONS_PATH = "/kme/v1/reservations"
 STATUS_BLOCKS_NOT_FREE = 409
 INTER_KME_STATUSES = frozenset({400, 401, STATUS_BLOCKS_NOT_FREE, 503})
 MSG_NOT_A_PEER = "the client certificate does not identify a peer KME of this KME"
+# A batch stays far below the callee's body limit (4 MiB) and bounds the work of one request.
+MAX_BATCH = 64
+MAX_BATCH_BYTES = 1 << 20
+# Batches on the wire at once per peer; later reservations queue for the next free sender.
+MAX_IN_FLIGHT = 4
 
 
 class InterKmeApi:
@@ -67,22 +78,68 @@ class InterKmeApi:
         caller = self.peers.lookup(peer_certificate(request))
         if caller is None:
             raise UnauthorizedError(MSG_NOT_A_PEER)
-        reservation = Reservation.from_json(parse_json_body(await request.read()))
+        doc = parse_json_body(await request.read())
+        if isinstance(doc, dict) and "reservations" in doc:
+            return await self._reserve_batch(caller, doc["reservations"])
+        reservation = Reservation.from_json(doc)
         # The service refuses blocks that are not free with BlocksTakenError (409, STATUS_BLOCKS_NOT_FREE).
         await self.service.accept_reservation(caller, reservation)
+        self._count(reservation)
+        return json_response({"message": "reserved", "keys": len(reservation.keys)})
+
+    async def _reserve_batch(self, caller: int, items: Any) -> web.Response:
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+            raise BadRequestError(f"reservations must be an array of 1 to {MAX_BATCH} reservations")
+        parsed: list[Reservation | KmeError] = []
+        for item in items:
+            try:
+                parsed.append(Reservation.from_json(item))
+            except KmeError as exc:
+                parsed.append(exc)
+        # Concurrent calls let the store commit the whole batch in one transaction.
+        accepted = [r for r in parsed if isinstance(r, Reservation)]
+        outcomes = iter(
+            await asyncio.gather(
+                *(self.service.accept_reservation(caller, r) for r in accepted), return_exceptions=True
+            )
+        )
+        results = []
+        for entry in parsed:
+            outcome: BaseException | None = entry if isinstance(entry, KmeError) else next(outcomes)
+            results.append(self._result(entry, outcome))
+        return json_response({"results": results})
+
+    def _result(self, entry: Reservation | KmeError, outcome: BaseException | None) -> dict[str, Any]:
+        if outcome is None:
+            assert isinstance(entry, Reservation)
+            self._count(entry)
+            return {"status": 200, "message": "reserved"}
+        if isinstance(outcome, KmeError):
+            status = outcome.status if outcome.status in INTER_KME_STATUSES else 503
+            return {"status": status, "message": outcome.message}
+        log.error("reservation failed", exc_info=outcome, extra={"event": "reservation.failed"})
+        return {"status": 503, "message": MSG_INTERNAL}
+
+    def _count(self, reservation: Reservation) -> None:
         if self.metrics is not None:
             self.metrics.reservations_accepted.inc(len(reservation.keys))
-        return json_response({"message": "reserved", "keys": len(reservation.keys)})
+
+
+@dataclass
+class _PeerQueue:
+    waiting: list[tuple[bytes, asyncio.Future[None]]] = field(default_factory=list)
+    senders: int = 0
 
 
 class HttpPeerGateway:
     """Caller side: a :class:`qkdtls.kme.service.PeerGateway` over HTTPS with kept-alive connections."""
 
-    def __init__(self, peers: Sequence[Peer], *, connections_per_peer: int = 64) -> None:
+    def __init__(self, peers: Sequence[Peer]) -> None:
         self._peers = {p.kme_id: p for p in peers}
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self._contexts: dict[int, ssl.SSLContext] = {}
-        self._limit = connections_per_peer
+        self._queues: dict[int, _PeerQueue] = {}
+        self._senders: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _session(self, peer: Peer) -> aiohttp.ClientSession:
@@ -91,10 +148,7 @@ class HttpPeerGateway:
             if peer.kme_id not in self._contexts:
                 self._contexts[peer.kme_id] = client_context(peer.client_cert, peer.client_key, peer.ca)
             connector = aiohttp.TCPConnector(
-                ssl=self._contexts[peer.kme_id],
-                limit=self._limit,
-                keepalive_timeout=30.0,
-                enable_cleanup_closed=False,
+                ssl=self._contexts[peer.kme_id], limit=MAX_IN_FLIGHT, keepalive_timeout=30.0
             )
             session = aiohttp.ClientSession(
                 connector=connector,
@@ -111,42 +165,125 @@ class HttpPeerGateway:
         if peer is None:
             raise PeerUnavailable(f"no inter-KME route to KME {peer_kme_id}")
         body = json.dumps(reservation.to_json(), separators=(",", ":")).encode()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._queues.setdefault(peer_kme_id, _PeerQueue())
+        queue.waiting.append((body, future))
+        if queue.senders < MAX_IN_FLIGHT:
+            queue.senders += 1
+            task = asyncio.create_task(self._send(peer, queue), name=f"kme-peer-{peer_kme_id}")
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+        # Cancelling the caller cancels the future; a reservation not yet sent is then dropped.
+        await future
+
+    async def _send(self, peer: Peer, queue: _PeerQueue) -> None:
+        try:
+            await asyncio.sleep(0)  # let the reservations of this loop iteration join the batch
+            while queue.waiting:
+                batch: list[tuple[bytes, asyncio.Future[None]]] = []
+                size = 0
+                while queue.waiting and len(batch) < MAX_BATCH:
+                    body, future = queue.waiting[0]
+                    if batch and size + len(body) > MAX_BATCH_BYTES:
+                        break
+                    del queue.waiting[0]
+                    if not future.done():
+                        batch.append((body, future))
+                        size += len(body)
+                if not batch:
+                    continue
+                try:
+                    outcomes = await self._post(peer, [body for body, _ in batch])
+                except PeerUnavailable as exc:
+                    outcomes = [PeerUnavailable(str(exc)) for _ in batch]
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if outcome is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(outcome)
+        finally:
+            queue.senders -= 1
+
+    async def _post(self, peer: Peer, bodies: list[bytes]) -> list[Exception | None]:
+        data = b'{"reservations":[' + b",".join(bodies) + b"]}"
         kwargs: dict[str, Any] = {"headers": {"Content-Type": "application/json"}}
         if peer.server_name:
             kwargs["server_hostname"] = peer.server_name
         try:
             async with self._session(peer).post(
-                peer.url + RESERVATIONS_PATH, data=body, **kwargs
+                peer.url + RESERVATIONS_PATH, data=data, **kwargs
             ) as response:
                 status = response.status
                 answer = await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             log.warning(
                 "peer KME unreachable",
-                extra={"event": "peer.unavailable", "peer_KME_ID": peer_kme_id, "error": type(exc).__name__},
+                extra={"event": "peer.unavailable", "peer_KME_ID": peer.kme_id, "error": type(exc).__name__},
             )
-            raise PeerUnavailable(f"KME {peer_kme_id} unreachable: {type(exc).__name__}") from None
-        if status == 200:
-            return
-        message = _message(answer)
-        if status == STATUS_BLOCKS_NOT_FREE:
-            raise PeerRejected(f"KME {peer_kme_id}: {message}")
-        log.warning(
-            "peer KME refused",
-            extra={
-                "event": "peer.refused",
-                "peer_KME_ID": peer_kme_id,
-                "status": status,
-                "peer_message": message,
-            },
-        )
-        raise PeerUnavailable(f"KME {peer_kme_id} answered {status}: {message}")
+            raise PeerUnavailable(f"KME {peer.kme_id} unreachable: {type(exc).__name__}") from None
+        if status != 200:
+            message = _message(answer)
+            log.warning(
+                "peer KME refused the batch",
+                extra={
+                    "event": "peer.refused",
+                    "peer_KME_ID": peer.kme_id,
+                    "status": status,
+                    "reason": message,
+                },
+            )
+            raise PeerUnavailable(f"KME {peer.kme_id} answered {status}: {message}")
+        return _outcomes(peer.kme_id, answer, len(bodies))
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._senders):
+            task.cancel()
+        for queue in self._queues.values():
+            for _, future in queue.waiting:
+                if not future.done():
+                    future.set_exception(PeerUnavailable("the KME is shutting down"))
+            queue.waiting.clear()
         sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             await session.close()
+
+
+def _outcomes(peer_kme_id: int, answer: bytes, count: int) -> list[Exception | None]:
+    """Per-reservation outcomes of a batch answer; a malformed answer fails the whole batch."""
+    try:
+        doc = parse_json_body(answer)
+    except BadRequestError:
+        doc = None
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if (
+        not isinstance(results, list)
+        or len(results) != count
+        or not all(isinstance(r, dict) for r in results)
+    ):
+        raise PeerUnavailable(f"KME {peer_kme_id} sent a malformed batch answer")
+    outcomes: list[Exception | None] = []
+    for result in results:
+        status = result.get("status")
+        message = str(result.get("message", ""))[:200]
+        if status == 200:
+            outcomes.append(None)
+        elif status == STATUS_BLOCKS_NOT_FREE:
+            outcomes.append(PeerRejected(f"KME {peer_kme_id}: {message}"))
+        else:
+            log.warning(
+                "peer KME refused a reservation",
+                extra={
+                    "event": "peer.refused",
+                    "peer_KME_ID": peer_kme_id,
+                    "status": status,
+                    "reason": message,
+                },
+            )
+            outcomes.append(PeerUnavailable(f"KME {peer_kme_id} answered {status}: {message}"))
+    return outcomes
 
 
 def _message(body: bytes) -> str:

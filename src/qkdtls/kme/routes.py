@@ -24,7 +24,6 @@ from qkdtls.kme.openapi import OPENAPI_PATH, openapi_bytes
 from qkdtls.kme.service import KmeService
 
 log = logging.getLogger("qkdtls.kme.api")
-access_log = logging.getLogger("qkdtls.kme.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -181,9 +180,7 @@ class SaeApi:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[error_middleware(self.metrics)],
-            client_max_size=self.max_body_bytes,
-            handler_args={"max_field_size": 8190, "max_line_size": 8190},
+            middlewares=[error_middleware(self.metrics)], client_max_size=self.max_body_bytes
         )
         r = app.router
         r.add_get("/api/v1/keys/{slave}/status", self.status, allow_head=False)

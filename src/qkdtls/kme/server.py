@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from qkdtls.kme.auth import IdentityMap, server_context
-from qkdtls.kme.config import CertIdentity, KmeConfig
+from qkdtls.kme.config import KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.peers import HttpPeerGateway, InterKmeApi
@@ -66,10 +66,6 @@ class _TlsSite(web.TCPSite):
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
-def _identities(pairs: list[tuple[CertIdentity | None, object]]) -> list[tuple[CertIdentity, object]]:
-    return [(identity, who) for identity, who in pairs if identity is not None]
-
-
 class KmeServer:
     def __init__(self, config: KmeConfig) -> None:
         self.config = config
@@ -112,14 +108,14 @@ class KmeServer:
         imported = await ingestor.scan()
         log.info("key folders imported", extra={"event": "ingest.startup", "bytes": imported})
 
-        saes = IdentityMap(_identities([(s.identity, s.sae_id) for s in cfg.saes]))
-        admins = IdentityMap(_identities([(a.identity, a.name) for a in cfg.admins]))
+        saes = IdentityMap([(s.identity, s.sae_id) for s in cfg.saes if s.identity is not None])
+        admins = IdentityMap([(a.identity, a.name) for a in cfg.admins])
         sae_api = SaeApi(
             cfg.kme_id,
             self.service,
             saes,
             admins,
-            self.metrics,  # type: ignore[arg-type]
+            self.metrics,
             max_body_bytes=cfg.sae_interface.max_body_bytes,
         )
         listen = cfg.sae_interface.listen

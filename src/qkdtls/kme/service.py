@@ -272,47 +272,64 @@ class KmeService:
             raise UnavailableError("key store unavailable") from None
         seqs = [b.seq for b in held]
         try:
-            keys = self._build_keys(held, number, bpk, size)
-            reservation = Reservation(
-                master_KME_ID=s.kme_id,
-                direction=direction,
-                master_SAE_ID=master,
-                slave_SAE_IDs=slaves,
-                size=size,
-                keys=tuple(
-                    ReservedKey(k.key_ID, tuple(seqs[i * bpk : (i + 1) * bpk])) for i, k in enumerate(keys)
-                ),
-            )
-            try:
-                async with asyncio.timeout(s.peer_timeout):
-                    await self.peers.reserve(link, reservation)
-            except PeerRejected:
-                burnt = await self.store.burn_held(link, seqs)
-                log.warning(
-                    "peer refused blocks; burnt",
-                    extra={"event": "blocks.burnt", "link": link, "blocks": burnt, "first_seq": seqs[0]},
-                )
-                raise UnavailableError(f"KME {link} refused the key reservation; retry") from None
-            except Exception as exc:  # PeerUnavailable, timeouts, anything the gateway let through
-                await self.store.release_blocks(link, seqs)
-                log.warning(
-                    "peer reservation failed; blocks released",
-                    extra={"event": "blocks.released", "link": link, "blocks": len(seqs), "error": repr(exc)},
-                )
-                raise UnavailableError(f"KME {link} is unavailable") from None
-            try:
-                await self.store.consume_held(link, seqs)
-            except LostHold:
-                raise UnavailableError("key reservation timed out locally; retry") from None
-            return keys
-        except BaseException:
-            # Cancelled or failed after holding: give back whatever is still ours. Shielded so that a
-            # cancelled request still completes the release.
+            return await self._reserve_at_peer(link, direction, master, slaves, size, bpk, number, held)
+        except BaseException as exc:
+            # Failed or cancelled after holding: give back whatever is still ours (burnt or consumed blocks
+            # are no longer held, so this is a no-op for them). Shielded so a cancelled request releases too.
             try:
                 await asyncio.shield(self.store.release_blocks(link, seqs))
             except Exception:
                 pass  # store down: stale-hold recovery frees them later
+            if isinstance(exc, StoreError):
+                raise UnavailableError("key store unavailable") from None
             raise
+
+    async def _reserve_at_peer(
+        self,
+        link: int,
+        direction: int,
+        master: int,
+        slaves: tuple[int, ...],
+        size: int,
+        bpk: int,
+        number: int,
+        held: Sequence[Block],
+    ) -> list[Key]:
+        assert self.peers is not None
+        seqs = [b.seq for b in held]
+        keys = self._build_keys(held, number, bpk, size)
+        reservation = Reservation(
+            master_KME_ID=self.settings.kme_id,
+            direction=direction,
+            master_SAE_ID=master,
+            slave_SAE_IDs=slaves,
+            size=size,
+            keys=tuple(
+                ReservedKey(k.key_ID, tuple(seqs[i * bpk : (i + 1) * bpk])) for i, k in enumerate(keys)
+            ),
+        )
+        try:
+            async with asyncio.timeout(self.settings.peer_timeout):
+                await self.peers.reserve(link, reservation)
+        except PeerRejected:
+            burnt = await self.store.burn_held(link, seqs)
+            log.warning(
+                "peer refused blocks; burnt",
+                extra={"event": "blocks.burnt", "link": link, "blocks": burnt, "first_seq": seqs[0]},
+            )
+            raise UnavailableError(f"KME {link} refused the key reservation; retry") from None
+        except Exception as exc:  # PeerUnavailable, timeouts, anything the gateway let through
+            await self.store.release_blocks(link, seqs)
+            log.warning(
+                "peer reservation failed; blocks released",
+                extra={"event": "blocks.released", "link": link, "blocks": len(seqs), "error": repr(exc)},
+            )
+            raise UnavailableError(f"KME {link} is unavailable") from None
+        try:
+            await self.store.consume_held(link, seqs)
+        except LostHold:
+            raise UnavailableError("key reservation timed out locally; retry") from None
+        return keys
 
     def _build_keys(self, held: Sequence[Block], number: int, bpk: int, size: int) -> list[Key]:
         nbytes = size // 8
@@ -419,7 +436,10 @@ class KmeService:
     async def link_reports(self) -> list[LinkReport]:
         reports = []
         for link in sorted(self.links):
-            stats = await self.store.link_stats(link)
+            try:
+                stats = await self.store.link_stats(link)
+            except StoreError:
+                raise UnavailableError("key store unavailable") from None
             free = sum(max(n, 0) for n in stats.free_blocks.values())
             reports.append(
                 LinkReport(

@@ -162,6 +162,12 @@ class _TLSProtocol(asyncio.Protocol):
         self._rekeyed_at = 0.0
         self._rekeying = False
         self._rekey_disabled = False
+        # While the key for a due rekey is being fetched, application writes wait here (and the application
+        # is paused), so no more than the limit (plus what was in flight) is ever sent under one key.
+        self._held: list[bytes] = []
+        self._holding = False
+        self._raw_write_paused = False
+        self._app_write_paused = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- TCP side ------------------------------------------------------------------------------------------
@@ -254,12 +260,25 @@ class _TLSProtocol(asyncio.Protocol):
         return self._failed if isinstance(self._failed, Exception) else None
 
     def pause_writing(self) -> None:
-        if self.app_protocol is not None:
-            self.app_protocol.pause_writing()
+        self._raw_write_paused = True
+        self._update_app_writing()
 
     def resume_writing(self) -> None:
-        if self.app_protocol is not None:
-            self.app_protocol.resume_writing()
+        self._raw_write_paused = False
+        self._update_app_writing()
+
+    def _update_app_writing(self) -> None:
+        """One pause/resume state towards the application for two causes: TCP buffer full, rekey pending."""
+        app = self.app_protocol
+        if app is None:
+            return
+        want_pause = self._raw_write_paused or self._holding
+        if want_pause and not self._app_write_paused:
+            self._app_write_paused = True
+            app.pause_writing()
+        elif not want_pause and self._app_write_paused:
+            self._app_write_paused = False
+            app.resume_writing()
 
     def update_reading(self) -> None:
         """Read from TCP unless a KME call is running or the application paused us."""
@@ -417,7 +436,16 @@ class _TLSProtocol(asyncio.Protocol):
             raise RuntimeError("write() before the TLS handshake completed")
         if self._failed is not None:
             return  # like asyncio transports: writes after a failure are dropped, connection_lost says why
-        session.send_data(bytes(data))
+        if self._holding:
+            self._held.append(bytes(data))
+            return
+        try:
+            session.send_data(bytes(data))
+        except QKDError as exc:
+            # Like asyncio's transports after a lost connection: the write is dropped, the reason logged.
+            log.info("write dropped", extra={"event": "tls.write_dropped", "reason": str(exc)})
+            self._flush()
+            return
         self._flush()
         self._bytes_since_rekey += len(data)
         self._maybe_rekey()
@@ -448,7 +476,18 @@ class _TLSProtocol(asyncio.Protocol):
         self._rekeying = True  # until the server's acknowledgement (QkdRekeyed)
         self._bytes_since_rekey = 0
         self._rekeyed_at = time.monotonic()
+        self._holding = True
+        self._update_app_writing()
         self._spawn(self._rekey(self.target_sae_id))
+
+    def _release_held(self) -> None:
+        self._holding = False
+        held, self._held = self._held, []
+        session = self.session
+        if held and session is not None and self._failed is None:
+            session.send_data(b"".join(held))
+            self._flush()
+        self._update_app_writing()
 
     async def _rekey(self, target: int) -> None:
         try:
@@ -458,6 +497,7 @@ class _TLSProtocol(asyncio.Protocol):
                 "QKD rekey postponed: no key", extra={"event": "tls.rekey_postponed", "reason": str(exc)}
             )
             self._rekeying = False
+            self._release_held()
             return
         session = self.session
         if session is None or self._failed is not None or self.raw is None or self.raw.is_closing():
@@ -470,6 +510,7 @@ class _TLSProtocol(asyncio.Protocol):
             return
         log.info("QKD rekey started", extra={"event": "tls.rekey", "key_ID": offer.key_id})
         self._flush()
+        self._release_held()
 
 
 def _default_server_hostname(host: str | None) -> str | None:

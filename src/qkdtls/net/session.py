@@ -176,10 +176,21 @@ class Session:
         return self.conn.data_to_send()
 
     def send_data(self, data: bytes) -> None:
-        if self._classic is not None:
-            self._classic.send_data(data)
-        else:
-            self.conn.send_data(data)
+        """Queue application data; :class:`QKDConnectionError` if the connection can no longer send."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            if self._classic is not None:
+                self._classic.send_data(data)
+            else:
+                self.conn.send_data(data)
+        except TLSAlert as exc:
+            self.failed = self._local_alert(exc)
+            raise self.failed from None
+        except TLSError as exc:
+            raise QKDConnectionError(f"cannot send: {exc}") from None
+        except ssl.SSLError as exc:
+            raise QKDConnectionError(f"cannot send: {exc.reason or exc}") from None
 
     def close(self) -> None:
         """Queue close_notify (never raises for a connection that already failed)."""

@@ -47,8 +47,8 @@ def _leaf_own_name(leaf: x509.Certificate) -> DNSName | IPAddress:
     """A name the leaf certifies, for chain checks that skip host-name matching."""
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
-        raise BadCertificate("certificate has no subjectAltName") from None
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        raise BadCertificate("certificate has no usable subjectAltName") from None
     for ip in san.get_values_for_type(x509.IPAddress):
         return IPAddress(ip)
     for name in san.get_values_for_type(x509.DNSName):
@@ -63,11 +63,8 @@ def _map_error(error: VerificationError, leaf: x509.Certificate, now: dt.datetim
     text = str(error).lower()
     if "expired" in text or "not valid" in text or "validity" in text:
         return CertificateExpired("certificate is outside its validity period")
-    for cert_time in (leaf.not_valid_after_utc,):
-        if cert_time < now:
-            return CertificateExpired("certificate is outside its validity period")
-    if leaf.not_valid_before_utc > now:
-        return CertificateExpired("certificate is not yet valid")
+    if leaf.not_valid_after_utc < now or leaf.not_valid_before_utc > now:
+        return CertificateExpired("certificate is outside its validity period")
     if "issuer" in text or "candidates exhausted" in text:
         return UnknownCA("no path to a trusted certificate authority")
     if "subject" in text or "name" in text or "san" in text:
@@ -107,6 +104,8 @@ def verify_server_chain(
         verifier.verify(leaf, certs[1:])
     except VerificationError as exc:
         raise _map_error(exc, leaf, when) from None
+    except ValueError:
+        raise BadCertificate("certificate chain is malformed") from None
     return leaf
 
 
@@ -124,4 +123,6 @@ def verify_client_chain(
         verifier.verify(leaf, certs[1:])
     except VerificationError as exc:
         raise _map_error(exc, leaf, when) from None
+    except ValueError:
+        raise BadCertificate("certificate chain is malformed") from None
     return leaf

@@ -30,6 +30,7 @@ from enum import Enum, auto
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -48,7 +49,9 @@ from .alerts import (
     PeerAlert,
     ProtocolVersion,
     TLSAlert,
+    TLSError,
     UnexpectedMessage,
+    UnsupportedCertificate,
     UnsupportedExtension,
     encode_alert,
 )
@@ -146,8 +149,8 @@ _EE_EXTS = frozenset({
     ET.application_layer_protocol_negotiation, ET.record_size_limit, ET.early_data, ET.qkd_rekey,
     ET.qkd_reference_ack,
 })
-# Upper bound on post-handshake messages handled per received record, so a flood of tiny KeyUpdates in
-# one record cannot make one receive_data call run unboundedly long.
+# Bound on the handshake messages taken from one record: 2^14 bytes hold at most 3277 of the smallest, so
+# a legitimate peer never reaches it, and the loop stays visibly finite.
 _MAX_MESSAGES_PER_CALL = 4096
 
 
@@ -206,13 +209,18 @@ class TLSClient:
         self._rekey_pending: QkdOffer | None = None
         self._alpn: str | None = None
         self._cert_request: CertificateRequest | None = None
-        self._server_chain: list[bytes] = []
         self._peer_leaf: x509.Certificate | None = None
         self._close_sent = False
+        self._peer_closed = False   # close_notify or EOF seen; we may still send (half-close, §6.1)
         self._offer: _Offer | None = None
         if qkd is not None and config.qkd != "off":
             profiles = tuple(qkd.profiles or config.qkd_profiles)
-            self._offer = _Offer(qkd, profiles, config.qkd_cipher_suite)
+            if "reference" in profiles and len(qkd.key) != qkd_reference.KEY_LEN:
+                raise InvalidState("the reference profile needs a 256-bit QKD key")
+            try:
+                self._offer = _Offer(qkd, profiles, config.qkd_cipher_suite)
+            except ValueError as exc:   # a key ID or SAE ID the identity cannot carry
+                raise InvalidState(f"QKD offer cannot be named: {exc}") from None
         elif config.qkd == "required":
             raise InvalidState("QKD policy 'required' needs a QKD key offer")
         if not self._groups:
@@ -242,10 +250,12 @@ class TLSClient:
         """Bytes from the peer; ``b""`` is end of stream."""
         if self.state is ClientState.FAILED:
             raise InvalidState("connection failed earlier")
-        if self.state is ClientState.CLOSED:
+        if self.state is ClientState.CLOSED or self._peer_closed:
             return
         if not data:
-            self._state_closed()
+            self._peer_closed = True
+            if self.state is not ClientState.CONNECTED:
+                self._state_closed()
             self._events.append(ConnectionClosed(None))
             return
         self._guarded(self._receive, data)
@@ -308,6 +318,14 @@ class TLSClient:
         except PeerAlert:
             self._state_closed()
             raise
+        except TLSError:
+            raise
+        except Exception as exc:
+            # Defence in depth: whatever escaped the typed checks still ends the connection with an
+            # alert. Only the type is kept: library messages are not vetted for secrets.
+            alert = InternalError(f"unexpected {type(exc).__name__}")
+            self._fail(alert)
+            raise alert from None
 
     def _fail(self, alert: TLSAlert) -> None:
         if self.state is ClientState.FAILED:
@@ -420,7 +438,7 @@ class TLSClient:
     def _receive(self, data: bytes) -> None:
         self._records.feed(data)
         # Bounded: each pass consumes one whole record or returns.
-        while self.state not in (ClientState.CLOSED, ClientState.FAILED):
+        while self.state not in (ClientState.CLOSED, ClientState.FAILED) and not self._peer_closed:
             record = self._records.next_record()
             if record is None:
                 return
@@ -449,7 +467,9 @@ class TLSClient:
             raise DecodeError("alert of the wrong length")
         level, description = payload
         if description == AlertDescription.close_notify:
-            self._state_closed()
+            self._peer_closed = True
+            if self.state is not ClientState.CONNECTED:
+                self._state_closed()   # a handshake cut short by the peer
             self._events.append(ConnectionClosed(None))
             return
         if description == AlertDescription.user_canceled and level == AlertLevel.warning:
@@ -459,7 +479,7 @@ class TLSClient:
 
     def _drain_handshake(self) -> None:
         for _ in range(_MAX_MESSAGES_PER_CALL):
-            if self.state in (ClientState.CLOSED, ClientState.FAILED):
+            if self.state in (ClientState.CLOSED, ClientState.FAILED) or self._peer_closed:
                 return
             message = self._handshake.next_message()
             if message is None:
@@ -502,7 +522,7 @@ class TLSClient:
 
     def _check_extensions(self, extensions: list[ext.Extension], allowed: frozenset[int]) -> None:
         assert self._hello is not None
-        offered = {e.type for e in self._hello.extensions}
+        offered = {e.type for e in self._hello.extensions} | {ET.cookie}   # a server may start a cookie
         if ET.qkd_reference_request in offered:
             offered.add(ET.qkd_reference_ack)   # the reference server answers 0xFEA6 with 0xFEA7
         for extension in extensions:
@@ -671,7 +691,6 @@ class TLSClient:
                                                   check_hostname=self.config.check_hostname)
         else:
             self._peer_leaf = load_chain(chain[:1])[0]
-        self._server_chain = chain
         self._transcript.update(raw)
         self._transition(ClientState.WAIT_CERTIFICATE_VERIFY)
 
@@ -679,8 +698,8 @@ class TLSClient:
         assert self._peer_leaf is not None
         try:
             public_key = self._peer_leaf.public_key()
-        except ValueError:
-            raise DecodeError("server certificate key does not parse") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise UnsupportedCertificate("server certificate key is not usable") from None
         verify(public_key, message.algorithm, message.signature, self._transcript.digest(), server=True,
                offered=list(self.config.signature_algorithms))
         self._transcript.update(raw)
@@ -732,11 +751,11 @@ class TLSClient:
 
     def _connection_info(self) -> ConnectionInfo:
         assert self._suite is not None and self._group is not None
-        qkd = self._mode == "qkd" and self._offer is not None
+        key_id = self._offer.key_id if self._mode == "qkd" and self._offer is not None else None
         return ConnectionInfo(
             mode=self._mode,
             profile=self._profile,
-            key_id=self._offer.key_id if qkd and self._offer is not None else None,
+            key_id=key_id,
             peer_sae_id=None,
             cipher=self._suite.name,
             group=self._group.name,

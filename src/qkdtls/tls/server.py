@@ -158,6 +158,7 @@ class TLSServer:
         self._pending_rekey: str | None = None
         self._eof = False
         self._close_sent = False
+        self._peer_closed = False
         self.server_name: str | None = None
         self.info: ConnectionInfo | None = None
 
@@ -168,8 +169,8 @@ class TLSServer:
     # Public interface
 
     def receive_data(self, data: bytes) -> None:
-        """Bytes from the peer; ``b""`` is EOF."""
-        if self.state in (State.FAILED, State.CLOSED, State.HANDED_OFF):
+        """Bytes from the peer; ``b""`` is EOF. Anything after the peer's close_notify is ignored (§6.1)."""
+        if self.state in (State.FAILED, State.CLOSED, State.HANDED_OFF) or self._peer_closed:
             return
         self._guard(self._receive, data)
 
@@ -200,7 +201,7 @@ class TLSServer:
             self._out += self._records.seal(
                 ALERT, encode_alert(AlertDescription.close_notify, AlertLevel.warning)
             )
-        if self.state is not State.CONNECTED:
+        if self.state is not State.CONNECTED or self._peer_closed:
             self.state = State.CLOSED
 
     def update_key(self, request_peer: bool = True) -> None:
@@ -271,7 +272,9 @@ class TLSServer:
     def _process_records(self) -> None:
         # Bounded by the buffered input: each pass consumes a record or returns.
         while (
-            self.state not in (State.WAIT_QKD_KEY, State.FAILED, State.CLOSED) and self._pending_rekey is None
+            self.state not in (State.WAIT_QKD_KEY, State.FAILED, State.CLOSED)
+            and self._pending_rekey is None
+            and not self._peer_closed
         ):
             record = self._records.next_record()
             if record is None:
@@ -293,23 +296,34 @@ class TLSServer:
                 raise UnexpectedMessage(f"unexpected record type {content_type}")
         # EOF while the KME is asked is reported once the answer was processed (it may still hand off).
         waiting = self.state is State.WAIT_QKD_KEY or self._pending_rekey is not None
-        if self._eof and not waiting and self.state not in (State.FAILED, State.CLOSED):
-            self.state = State.CLOSED
-            self._events.append(ConnectionClosed(None))
+        if (
+            self._eof
+            and not waiting
+            and not self._peer_closed
+            and self.state not in (State.FAILED, State.CLOSED)
+        ):
+            self._peer_closed_read()
 
     def _on_alert(self, payload: bytes) -> None:
         if len(payload) != 2:
             raise DecodeError("malformed alert")
         level, description = payload
         if description == AlertDescription.close_notify:
-            self.state = State.CLOSED
-            self._events.append(ConnectionClosed(None))
+            self._peer_closed_read()
             return
         if description == AlertDescription.user_canceled and level == AlertLevel.warning:
             return
         self.state = State.FAILED
         self._events.append(ConnectionClosed(description))
         raise PeerAlert(description, level)
+
+    def _peer_closed_read(self) -> None:
+        """The peer finished sending. An established connection stays writable until :meth:`close`
+        (TLS 1.3 half-close); a handshake in progress is over."""
+        self._peer_closed = True
+        if self.state is not State.CONNECTED or self._close_sent:
+            self.state = State.CLOSED
+        self._events.append(ConnectionClosed(None))
 
     def _process_handshake(self) -> None:
         while self.state not in (State.FAILED, State.CLOSED) and self._pending_rekey is None:
@@ -454,13 +468,16 @@ class TLSServer:
     def _choose_group(self, hello: ClientHello) -> tuple[NamedGroup, bytes] | NamedGroup:
         """(group, client share) for a share we support, else the group to ask for in a HelloRetryRequest."""
         share_data = ext.find(hello.extensions, ext.ET.key_share)
-        shares = dict(ext.decode_key_share_client(share_data)) if share_data is not None else {}
+        groups_data = ext.find(hello.extensions, ext.ET.supported_groups)
+        if share_data is None or groups_data is None:
+            # psk_dhe_ke and certificate handshakes both need the pair (RFC 8446 §4.2.9, §9.2)
+            raise MissingExtension("key_share and supported_groups are required")
+        shares = dict(ext.decode_key_share_client(share_data))
         ours = [parse_group(g) for g in self.config.groups]
         for group in ours:
             if int(group) in shares:
                 return group, shares[int(group)]
-        groups_data = ext.find(hello.extensions, ext.ET.supported_groups)
-        supported = ext.decode_u16_list(groups_data) if groups_data is not None else []
+        supported = ext.decode_u16_list(groups_data)
         for group in ours:
             if int(group) in supported:
                 return group

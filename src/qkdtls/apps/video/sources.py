@@ -297,6 +297,16 @@ def _sounddevice() -> Any:
 class WindowDisplay:
     """Shows decoded pictures in an OpenCV window (needs a display and ``opencv-python``)."""
 
+    @staticmethod
+    def available() -> bool:
+        if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+            return False
+        try:
+            import cv2  # type: ignore[import-not-found]  # noqa: F401  # optional
+        except ImportError:
+            return False
+        return True
+
     def __init__(self, title: str) -> None:
         if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
             raise MediaUnavailable("no display")

@@ -55,7 +55,6 @@ class PostgresKeyStore(SqlKeyStore):
         super().__init__()
         if psycopg is None:
             raise StoreUnavailable("the PostgreSQL key store needs psycopg (pip install qkdtls[postgres])")
-        self.db_errors = (psycopg.Error,)
         self._sql_cache: dict[str, str] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kme-pg")
         try:

@@ -40,13 +40,13 @@ CREATE TABLE counters (
 
 
 class SqliteKeyStore(SqlKeyStore):
-    db_errors = (sqlite3.Error,)
+    free_index = " INDEXED BY blocks_free"
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
         super().__init__()
         self.path = path
         try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn = sqlite3.connect(path, isolation_level=None)
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
             if path != ":memory:":

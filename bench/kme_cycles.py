@@ -1,0 +1,233 @@
+"""KME key cycles per second: master ``enc_keys`` + slave ``dec_keys`` with the bytes compared.
+
+Runs the two-KME testbed (SQLite, synchronous=FULL), clients over kept-alive mutual TLS, for a local pair
+(both SAEs on KME 1) and a cross-KME pair (KME 1 → KME 2), at several concurrencies and pool sizes. The
+server CPU time per cycle comes from /proc/<pid>/stat of the two KME processes.
+
+    python -m bench.kme_cycles [--duration 3] [--concurrency 1 8 32] [--pools 6400 1000000]
+
+Reference (the Rust KME of the paper on this machine kind): ~300 cycles/s, ~400 cycles per server-CPU
+second, ~5 cycles/s with 1,000,000 keys in the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import resource
+import ssl
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from qkdtls.testbed import Testbed
+
+REFERENCE = {"cycles_per_s": 300.0, "cycles_per_cpu_s": 400.0, "cycles_per_s_1m_keys": 5.0}
+PAIRS = {"local": (1001, 1002), "cross": (1001, 2001)}
+BLOCK = 32  # bytes: one 256-bit key is one block
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Result:
+    pool: int
+    pair: str
+    concurrency: int
+    cycles: int
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.cycles / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _session(bed: Testbed, sae: int, concurrency: int) -> aiohttp.ClientSession:
+    cert, key, ca = bed.sae_credentials(sae)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(cert, key)
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=concurrency, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
+
+
+async def _measure(
+    bed: Testbed, pool: int, pair: str, concurrency: int, duration: float, budget: int
+) -> Result:
+    master, slave = PAIRS[pair]
+    enc_url = f"{bed.sae_url(bed.kme_of(master))}/api/v1/keys/{slave}/enc_keys"
+    dec_url = f"{bed.sae_url(bed.kme_of(slave))}/api/v1/keys/{master}/dec_keys"
+    latencies: list[float] = []
+    async with _session(bed, master, concurrency) as ms, _session(bed, slave, concurrency) as ss:
+
+        async def cycle() -> None:
+            started = time.perf_counter()
+            async with ms.post(enc_url, data=b"{}", headers={"Content-Type": "application/json"}) as r:
+                doc = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"enc_keys answered {r.status}: {doc}")
+            key = doc["keys"][0]
+            body = {"key_IDs": [{"key_ID": key["key_ID"]}]}
+            async with ss.post(dec_url, json=body) as r:
+                got = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"dec_keys answered {r.status}: {got}")
+            if base64.b64decode(got["keys"][0]["key"]) != base64.b64decode(key["key"]):
+                raise RuntimeError("master and slave received different key bytes")
+            latencies.append(time.perf_counter() - started)
+
+        # Warm-up: open the kept-alive connections (and the inter-KME one) before measuring.
+        await asyncio.gather(*(cycle() for _ in range(concurrency)))
+        latencies.clear()
+        pids = [p for p in (bed.pid(1), bed.pid(2)) if p is not None]
+        cpu0, client0 = sum(_cpu_seconds(p) for p in pids), _client_cpu()
+        started = time.perf_counter()
+        deadline = started + duration
+        remaining = budget
+
+        async def worker() -> None:
+            nonlocal remaining
+            while time.perf_counter() < deadline and remaining > 0:
+                remaining -= 1
+                await cycle()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        client = _client_cpu() - client0
+    return Result(pool, pair, concurrency, len(latencies), seconds, cpu, client, latencies)
+
+
+async def _stock(bed: Testbed, master: int, slave: int) -> int:
+    async with _session(bed, master, 1) as s:
+        url = f"{bed.sae_url(bed.kme_of(master))}/api/v1/keys/{slave}/status"
+        async with s.get(url) as r:
+            return int((await r.json())["stored_key_count"])
+
+
+async def _refill(bed: Testbed, pool: int, timeout: float = 600.0) -> None:
+    """Top both pairs' stock up to ``pool`` keys so every measurement sees the same pool size."""
+    for link, (master, slave) in (((1, 2), PAIRS["cross"]), ((1, 1), PAIRS["local"])):
+        missing = pool - await _stock(bed, master, slave)
+        if missing > 0:
+            # Peer links split blocks between two directions: twice the bytes give `missing` keys to ours.
+            factor = 2 if link == (1, 2) else 1
+            bed.add_key_material(missing * BLOCK * factor, link=link)
+    deadline = time.monotonic() + timeout
+    for master, slave in PAIRS.values():
+        while await _stock(bed, master, slave) < pool:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the KMEs did not import the new key material in time")
+            await asyncio.sleep(0.1)
+
+
+def _fill(bed: Testbed, pool: int) -> None:
+    # Files of at most 16 MiB keep each import transaction moderate.
+    for link, nbytes in (((1, 2), 2 * pool * BLOCK), ((1, 1), pool * BLOCK)):
+        while nbytes > 0:
+            chunk = min(nbytes, 16 << 20)
+            bed.add_key_material(chunk, link=link)
+            nbytes -= chunk
+
+
+async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Result]:
+    bed = Testbed.create(root / f"pool-{pool}", initial_key_bytes=0, local_key_bytes=0)
+    _fill(bed, pool)
+    t0 = time.perf_counter()
+    await asyncio.to_thread(bed.start, 900.0)
+    print(f"# pool {pool:,} keys: KMEs up and imported in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    results = []
+    try:
+        for pair in args.pairs:
+            for concurrency in args.concurrency:
+                await _refill(bed, pool)
+                # Never draw more than a third of the pool, so the pool size stays what the row says.
+                result = await _measure(bed, pool, pair, concurrency, args.duration, budget=max(pool // 3, 1))
+                results.append(result)
+                _print_row(result)
+    finally:
+        await asyncio.to_thread(bed.stop)
+    return results
+
+
+HEADER = (
+    f"{'pool keys':>10} {'pair':>6} {'conc':>5} {'cycles':>7} {'cycles/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'srv CPU s':>9} {'cyc/CPU-s':>9} {'cli CPU s':>9}"
+)
+
+
+def _print_row(r: Result) -> None:
+    per_cpu = r.cycles / r.server_cpu if r.server_cpu > 0 else float("inf")
+    print(
+        f"{r.pool:>10,} {r.pair:>6} {r.concurrency:>5} {r.cycles:>7} {r.rate:>9.0f} "
+        f"{r.percentile(0.5):>7.2f} {r.percentile(0.99):>7.2f} {r.server_cpu:>9.2f} {per_cpu:>9.0f} "
+        f"{r.client_cpu:>9.2f}",
+        flush=True,
+    )
+
+
+def _summary(results: list[Result]) -> None:
+    cross8 = [r for r in results if r.pair == "cross" and r.concurrency == 8]
+    if not cross8:
+        return
+    print()
+    for r in cross8:
+        per_cpu = r.cycles / r.server_cpu if r.server_cpu > 0 else float("inf")
+        print(
+            f"cross-KME, concurrency 8, pool {r.pool:,}: {r.rate:.0f} cycles/s "
+            f"({r.rate / REFERENCE['cycles_per_s']:.1f}x the reference's ~300), "
+            f"{per_cpu:.0f} cycles per server-CPU-second "
+            f"({per_cpu / REFERENCE['cycles_per_cpu_s']:.1f}x the reference's ~400)"
+        )
+    if len(cross8) > 1:
+        small, large = cross8[0], cross8[-1]
+        print(
+            f"pool {large.pool:,} vs {small.pool:,}: {large.rate / small.rate:.2f}x the rate "
+            f"(reference: ~5 cycles/s at 1,000,000 keys)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["local", "cross"])
+    parser.add_argument("--pools", type=int, nargs="+", default=[6400, 1_000_000], help="keys per pair")
+    parser.add_argument("--root", type=Path, help="keep the testbed here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    print(HEADER)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="qkdtls-bench-") as tmp:
+        root = args.root or Path(tmp)
+        for pool in args.pools:
+            results += asyncio.run(_run_pool(root, pool, args))
+    _summary(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
