@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -124,7 +125,10 @@ async def _stock(bed: Testbed, master: int, slave: int) -> int:
     async with _session(bed, master, 1) as s:
         url = f"{bed.sae_url(bed.kme_of(master))}/api/v1/keys/{slave}/status"
         async with s.get(url) as r:
-            return int((await r.json())["stored_key_count"])
+            doc = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"status answered {r.status}: {doc}")
+            return int(doc["stored_key_count"])
 
 
 async def _refill(bed: Testbed, pool: int, timeout: float = 600.0) -> None:
@@ -153,7 +157,9 @@ def _fill(bed: Testbed, pool: int) -> None:
 
 
 async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Result]:
-    bed = Testbed.create(root / f"pool-{pool}", initial_key_bytes=0, local_key_bytes=0)
+    bed = Testbed.create(
+        root / f"pool-{pool}", initial_key_bytes=0, local_key_bytes=0, event_loop=args.event_loop
+    )
     _fill(bed, pool)
     t0 = time.perf_counter()
     await asyncio.to_thread(bed.start, 900.0)
@@ -209,6 +215,18 @@ def _summary(results: list[Result]) -> None:
         )
 
 
+def _run(coro: Any, event_loop: str) -> Any:
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,13 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["local", "cross"])
     parser.add_argument("--pools", type=int, nargs="+", default=[6400, 1_000_000], help="keys per pair")
     parser.add_argument("--root", type=Path, help="keep the testbed here (default: a temporary directory)")
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop of the KMEs and of this client (auto: uvloop when installed)",
+    )
     args = parser.parse_args(argv)
     print(HEADER)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="qkdtls-bench-") as tmp:
         root = args.root or Path(tmp)
         for pool in args.pools:
-            results += asyncio.run(_run_pool(root, pool, args))
+            results += _run(_run_pool(root, pool, args), args.event_loop)
     _summary(results)
     return 0
 

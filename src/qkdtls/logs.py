@@ -1,7 +1,7 @@
 """Structured logging: every record carries ``event`` and its fields; ``json`` format for log shippers.
 
-Call sites log with ``log.info("key reserved", extra={"event": "key.reserved", "key_ID": ...})``. Key bytes are
-never passed to a logger.
+Call sites log with ``log.info("key reserved", extra={"event": "key.reserved", "key_ID": ...})``.
+Key bytes are never passed to a logger.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -95,6 +95,7 @@ class Testbed:
     sae_kme: dict[int, int]  # SAE ID -> KME ID
     links: dict[tuple[int, int], _LinkFolders] = field(default_factory=dict)
     verbosity: int = 0
+    event_loop: str = "auto"  # KME processes: "auto" (uvloop when installed), "uvloop" or "asyncio"
 
     # --- building ------------------------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class Testbed:
         ingest_interval: float = 0.2,
         key_type: str = "ec-p256",
         verbosity: int = 0,
+        event_loop: str = "auto",
     ) -> Testbed:
         """Write PKI, configs and key folders under ``root`` (nothing runs until :meth:`start`).
 
@@ -146,6 +148,7 @@ class Testbed:
             kmes=kmes,
             sae_kme={s: k for k, ids in saes.items() for s in ids},
             verbosity=verbosity,
+            event_loop=event_loop,
         )
 
         keys = root / "keys"
@@ -298,7 +301,10 @@ class Testbed:
         argv = [sys.executable, "-m", "qkdtls.cli.kme"]
         if self.verbosity:
             argv.append("-" + "v" * self.verbosity)
-        return [*argv, "serve", "--config", str(kme.config), "--ready-file", str(kme.ready_file)]
+        return [
+            *argv, "serve", "--config", str(kme.config), "--ready-file", str(kme.ready_file),
+            "--event-loop", self.event_loop,
+        ]  # fmt: skip
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start every KME that is not running and wait until all listen; on failure stop them all."""

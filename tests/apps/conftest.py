@@ -39,9 +39,12 @@ def classic_client_context(pki: PkiLayout) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def qkd_sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoSites]:
-    """A running two-site testbed with TLS-QKD contexts for SAE 1001 (site A) and SAE 2001 (site B)."""
+    """A running two-site testbed with TLS-QKD contexts for SAE 1001 (site A) and SAE 2001 (site B).
+
+    Module scope: its KME processes and prefetch threads end with the module that used it.
+    """
     root = tmp_path_factory.mktemp("apps-testbed")
     with demo_sites(root, progress=lambda _: None, key_bytes=1 << 18) as sites:
         yield sites

@@ -41,6 +41,11 @@ def test_curl_reads_status(server: HttpsServer, pki: PkiLayout) -> None:
         capture_output=True, timeout=20, check=True,
     )
     assert b'"mode": "classic"' in out.stdout
+    head = subprocess.run(
+        [curl, "-sS", "-I", "--max-time", "10", "--cacert", str(pki.trust_bundle), server.url],
+        capture_output=True, timeout=20, check=True,
+    )
+    assert head.stdout.startswith(b"HTTP/1.1 200") and b"content-length:" in head.stdout.lower()
 
 
 def test_malformed_request_gets_400(server: HttpsServer, classic_client_context: ssl.SSLContext) -> None:
@@ -98,3 +103,36 @@ def test_close_with_idle_keepalive_connection_is_prompt(classic_server_context: 
     server.close()
     assert time.monotonic() - start < 2
     tls.close()
+
+
+def _raw_exchange(server: HttpsServer, ctx: ssl.SSLContext, request: bytes) -> bytes:
+    with socket.create_connection(server.address, timeout=5) as raw, ctx.wrap_socket(
+        raw, server_hostname="127.0.0.1"
+    ) as tls:
+        tls.sendall(request)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+            if b"\r\n\r\n" in answer and not request.startswith(b"GET"):
+                break
+    return answer
+
+
+def test_other_methods_and_oversized_bodies_are_refused(
+    server: HttpsServer, classic_client_context: ssl.SSLContext
+) -> None:
+    post = _raw_exchange(server, classic_client_context,
+                         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    assert post.startswith(b"HTTP/1.1 405 ")
+    huge = _raw_exchange(server, classic_client_context,
+                         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 70000)
+    assert huge.startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_silent_client_does_not_block_others(
+    server: HttpsServer, classic_client_context: ssl.SSLContext
+) -> None:
+    with socket.create_connection(server.address, timeout=5):  # never sends a ClientHello
+        start = time.monotonic()
+        assert https_get(server.url, classic_client_context).status == 200
+        assert time.monotonic() - start < 2

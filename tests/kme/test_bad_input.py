@@ -5,6 +5,7 @@ ETSI 014 allows only 200/400/401/503, so unknown paths, wrong methods and oversi
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import ssl
@@ -247,3 +248,28 @@ async def test_inter_kme_interface_identifies_the_calling_kme(pair: Pair, tmp_pa
     assert_json_error(await post(peer.cert, peer.key, {"keys": "x"}), 400)
     bad_direction = dict(_reservation(), direction=0, keys=[{"key_ID": str(uuid.uuid4()), "blocks": [0]}])
     assert_json_error(await post(peer.cert, peer.key, bad_direction), 400)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: kme\r\n\r\n",
+        b"POST /api/v1/keys/2001/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Length: abc\r\n\r\n",
+        b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\nX: " + b"b" * 9000 + b"\r\n\r\n",
+    ],
+    ids=["method", "long-line", "content-length", "long-header"],
+)
+async def test_malformed_http_gets_a_json_400(pair: Pair, raw: bytes) -> None:
+    bed = pair.testbed
+    ctx = tls_client_context(*bed.sae_credentials(1001))
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.kmes[1].sae_port, ssl=ctx)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body) == {"message": "malformed HTTP request"}

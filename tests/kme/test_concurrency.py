@@ -9,6 +9,8 @@ import asyncio
 import base64
 from pathlib import Path
 
+import pytest
+
 from qkdtls.testbed import Testbed
 
 from .conftest import SMALL_STOCK, Caller, tls_client_context
@@ -44,8 +46,10 @@ async def _cycles(bed: Testbed, master: int, slave: int, seed: int) -> list[tupl
     return seen
 
 
-async def test_many_masters_on_both_sides(tmp_path: Path) -> None:
-    bed = Testbed.create(tmp_path / "bed", initial_key_bytes=SMALL_STOCK * 4)
+@pytest.mark.parametrize("event_loop", ["asyncio", "auto"])
+async def test_many_masters_on_both_sides(tmp_path: Path, event_loop: str) -> None:
+    # "auto" runs the KMEs on uvloop when it is installed; "asyncio" always on the standard loop.
+    bed = Testbed.create(tmp_path / "bed", initial_key_bytes=SMALL_STOCK * 4, event_loop=event_loop)
     with bed:
         tasks = [_cycles(bed, m, s, w) for m, s in PAIRS for w in range(WORKERS_PER_PAIR)]
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)

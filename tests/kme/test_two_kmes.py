@@ -179,3 +179,24 @@ async def test_first_request_after_a_peer_restart_succeeds(running: Testbed) -> 
             assert reply.status == 200, reply.body
     finally:
         await master.close()
+
+
+async def test_debug_logs_carry_events_but_never_key_bytes(tmp_path: Path) -> None:
+    bed = Testbed.create(tmp_path / "bed", initial_key_bytes=4096, verbosity=2)
+    with bed:
+        keys: list[bytes] = []
+        for master, slave in ((1001, 2001), (2001, 1001), (1001, 1002)):
+            m, s = _caller(bed, master), _caller(bed, slave)
+            try:
+                got = (await m.post(f"/api/v1/keys/{slave}/enc_keys", {"number": 2})).json["keys"]
+                body = {"key_IDs": [{"key_ID": k["key_ID"]} for k in got]}
+                assert (await s.post(f"/api/v1/keys/{master}/dec_keys", body)).status == 200
+                keys += [base64.b64decode(k["key"]) for k in got]
+            finally:
+                await m.close()
+                await s.close()
+    logs = bed.kmes[1].log.read_text() + bed.kmes[2].log.read_text()
+    assert "key.reserved" in logs and "key.collected" in logs and "http.request" in logs
+    for key in keys:
+        for form in (base64.b64encode(key).decode(), key.hex(), repr(key)[2:-1]):
+            assert form[:16] not in logs

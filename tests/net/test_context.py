@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -102,3 +105,25 @@ def test_classic_fallback_context_is_tls13_with_the_same_certificate(tls_pki: Pe
     config = server.server_config()
     assert config.certificate_chain and config.alpn_protocols == ("h2",)
     assert "private_key" not in repr(config)
+
+
+def test_client_without_cafile_trusts_the_system_bundle() -> None:
+    config = QKDContext("client", qkd="off").client_config()
+    assert config.trust  # the system roots, as ssl.create_default_context() would use
+
+
+def test_kme_client_created_by_a_context_ends_with_it(tls_pki: PeerPki) -> None:
+    def prefetchers() -> int:
+        return sum(t.name == "kme-client-prefetch" and t.is_alive() for t in threading.enumerate())
+
+    before = prefetchers()
+    closed = QKDContext("client", kme=dataclasses.replace(_unreachable_kme(tls_pki), prefetch=2))
+    forgotten = QKDContext("client", kme=dataclasses.replace(_unreachable_kme(tls_pki), prefetch=2))
+    assert prefetchers() == before + 2
+    closed.close()
+    del forgotten  # never closed: the garbage collector ends its KME client
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while prefetchers() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert prefetchers() == before

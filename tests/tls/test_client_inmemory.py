@@ -21,7 +21,7 @@ from qkdtls.tls.alerts import (
 from qkdtls.tls.client import ClientState, TLSClient
 from qkdtls.tls.config import ClientConfig, QkdOffer, ServerConfig
 from qkdtls.tls.events import ApplicationData, ConnectionClosed, HandshakeComplete, NeedQkdKey
-from qkdtls.tls.messages import ClientHello, ServerHello
+from qkdtls.tls.messages import HRR_RANDOM, ClientHello, ServerHello
 from qkdtls.tls.records import HANDSHAKE, RecordLayer
 from qkdtls.tls.server import TLSServer
 
@@ -192,3 +192,26 @@ def test_offers_that_cannot_be_sent_are_refused_up_front() -> None:
     with pytest.raises(InvalidState):
         TLSClient(ClientConfig(qkd_profiles=("reference",)), "localhost",
                   QkdOffer(str(uuid.uuid4()), os.urandom(16), 1))
+
+
+def test_second_client_hello_changes_only_what_the_retry_asks() -> None:
+    client, first = _started()
+    hrr = [
+        ext.Extension(ext.ET.supported_versions, ext.encode_supported_versions_server(0x0304)),
+        ext.Extension(ext.ET.key_share, ext.encode_key_share_hrr(0x0017)),
+        ext.Extension(ext.ET.cookie, ext.encode_cookie(b"opaque state")),
+    ]
+    client.receive_data(_server_hello(first, random=HRR_RANDOM, cipher_suite=0x1302, extensions=hrr))
+    wire = client.data_to_send()
+    assert wire[:6] == b"\x14\x03\x03\x00\x01\x01"   # the one compatibility CCS precedes ClientHello2
+    second = ClientHello.decode(wire[6 + 9 :])
+    assert (second.random, second.legacy_session_id, second.cipher_suites) == (
+        first.random, first.legacy_session_id, first.cipher_suites)
+    changed = {ext.ET.key_share, ext.ET.cookie}
+    assert [e for e in first.extensions if e.type not in changed] == [
+        e for e in second.extensions if e.type not in changed]
+    shares = ext.decode_key_share_client(ext.find(second.extensions, ext.ET.key_share) or b"")
+    assert [group for group, _ in shares] == [0x0017]
+    assert ext.decode_cookie(ext.find(second.extensions, ext.ET.cookie) or b"") == b"opaque state"
+    with pytest.raises(UnexpectedMessage):   # a second HelloRetryRequest
+        client.receive_data(_server_hello(second, random=HRR_RANDOM, cipher_suite=0x1302, extensions=hrr))

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from tests.peers.servers import Driver, ServerPki, gnutls_server, openssl_server
 
-from qkdtls.tls.alerts import AlertDescription, DecryptError, InsufficientSecurity, PeerAlert, TLSError
+from qkdtls.tls.alerts import AlertDescription, InsufficientSecurity, PeerAlert, TLSError
 from qkdtls.tls.client import TLSClient
 from qkdtls.tls.config import ClientConfig, QkdOffer
 from qkdtls.tls.qkd_secure import psk_identity
@@ -128,7 +128,3 @@ def test_policy_off_sends_no_offer() -> None:
 def test_required_without_offer_is_refused() -> None:
     with pytest.raises(TLSError):
         TLSClient(ClientConfig(qkd="required"), "localhost", None)
-
-
-def test_decrypt_error_class_is_an_alert() -> None:
-    assert DecryptError().description == AlertDescription.decrypt_error

@@ -7,6 +7,7 @@ is dropped at its own handshake deadline. KME calls run off the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import time
@@ -133,3 +134,67 @@ async def test_client_handshake_timeout(site_b: Site) -> None:
                 ssl_handshake_timeout=0.5,
             )
         assert time.monotonic() - started < 2.0
+
+
+async def test_a_hung_kme_never_blocks_the_event_loop(site_b: Site, kme_a: KmeClient) -> None:
+    """The server's KME accepts TCP and never answers: the QKD client waits (bounded), others do not."""
+    with socket.create_server((HOST, 0)) as hung_kme:
+        settings = dataclasses.replace(
+            site_b.kme, url=f"https://{HOST}:{hung_kme.getsockname()[1]}", timeout=1.0
+        )
+        context = server_context(site_b, settings, qkd="preferred")
+        server = await start_server(_echo, HOST, 0, context=context)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            qkd_client = client_context(site_b, kme_a, qkd="preferred")
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(
+                open_connection(
+                    HOST, port, context=qkd_client, server_hostname="localhost", target_sae_id=SERVER_SAE
+                )
+            )
+            await asyncio.sleep(0.1)  # the server is now inside its (hung) dec_keys call
+            assert not waiting.done()
+            ctx = ssl.create_default_context(cafile=str(site_b.app_ca))
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(HOST, port, ssl=ctx, server_hostname="localhost"), STEP
+            )
+            writer.write(b"meanwhile")
+            assert await asyncio.wait_for(reader.readexactly(9), STEP) == b"meanwhile"
+            assert time.monotonic() - started < 0.9  # served while the KME call was still pending
+            writer.close()
+            _, writer2 = await asyncio.wait_for(waiting, STEP)
+            info: ConnectionInfo = writer2.get_extra_info("qkd")
+            assert info.mode == "classic"  # the server gave up on its KME and completed TLS 1.3
+            assert time.monotonic() - started < 1.0 + 2.0
+            await close_writer(writer2)
+            server.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # plain HTTP to a TLS port
+        b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",  # a ClientHello that is cut short
+        bytes(range(256)) * 4,  # noise
+    ],
+    ids=["http", "truncated-hello", "noise"],
+)
+async def test_hostile_input_is_answered_and_closed_without_harming_others(
+    garbage: bytes, echo_server: tuple[int, list[ConnectionInfo]], site_b: Site, kme_a: KmeClient
+) -> None:
+    port, _ = echo_server
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(garbage)
+    await writer.drain()
+    # The server answers with an alert (or nothing) and closes within its 1 s handshake deadline.
+    answer = await asyncio.wait_for(reader.read(), 3.0)
+    assert not answer or answer[:1] == b"\x15"
+    writer.close()
+    context = client_context(site_b, kme_a, qkd="required")
+    reader2, writer2 = await open_connection(
+        HOST, port, context=context, server_hostname="localhost", target_sae_id=SERVER_SAE
+    )
+    writer2.write(b"still fine")
+    assert await asyncio.wait_for(reader2.readexactly(10), STEP) == b"still fine"
+    await close_writer(writer2)

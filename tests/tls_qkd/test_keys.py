@@ -143,3 +143,19 @@ def test_no_key_is_spent_on_a_server_known_not_to_speak_qkd(site_b: Site, kme_a:
         with pytest.raises(QKDConfigurationError, match="no key spent"):
             strict.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE)
         raw.close()
+
+
+@pytest.mark.parametrize("server_hostname", ["localhost", None])
+def test_target_sae_from_the_directory(
+    server_hostname: str | None, site_b: Site, kme_a: KmeClient, kme_b: KmeClient
+) -> None:
+    """No target_sae_id: the directory names the server (here by its IP, also when SNI says localhost)."""
+    client = client_context(site_b, kme_a, qkd="required")  # directory: {"127.0.0.1": 2001}
+    with OneShotServer(echo_once(server_context(site_b, kme_b, qkd="required"))) as srv:
+        raw = socket.create_connection((HOST, srv.port), timeout=TIMEOUT)
+        with client.wrap_socket(raw, server_hostname=server_hostname) as tls:
+            tls.sendall(b"ping")
+            assert tls.recv(100) == b"echo:ping"
+            assert tls.info is not None and tls.info.mode == "qkd" and tls.target_sae_id == SERVER_SAE
+        srv.join()
+    assert not srv.errors, srv.errors

@@ -1,4 +1,4 @@
-"""In-connection QKD rekeying (secure profile, 0xFEA8) triggered by the context's byte limit.
+"""In-connection QKD rekeying (secure profile, 0xFEA8) triggered by the context's byte or time limit.
 
 The client fetches a fresh key from its KME, the server collects it with dec_keys, both switch traffic keys;
 data must flow unchanged across every switch, and every rekey must use a new key.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 from tests.peers.clients import OneShotServer
 from tests.tls_qkd.conftest import HOST, SERVER_SAE, TIMEOUT, Site, client_context, server_context
@@ -79,3 +80,19 @@ async def test_rekey_after_bytes_asyncio(site_b: Site, kme_a: KmeClient, kme_b: 
         await close_writer(writer)
     assert len(rekeys) >= 3
     assert len(set(rekeys)) == len(rekeys)
+
+
+def test_rekey_after_seconds(site_b: Site, kme_a: KmeClient, kme_b: KmeClient) -> None:
+    client = client_context(site_b, kme_a, qkd="required", rekey_after_seconds=0.05)
+    server = server_context(site_b, kme_b, qkd="required")
+    with OneShotServer(_echo_until_eof(server)) as srv:
+        raw = socket.create_connection((HOST, srv.port), timeout=TIMEOUT)
+        with client.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
+            for i in range(4):
+                time.sleep(0.06)  # a quiet connection: the time limit, not the byte count, is due
+                tls.sendall(b"tick %d" % i)
+                assert tls.recv(100) == b"tick %d" % i
+            client_rekeys = list(tls.rekeyed_key_ids)
+        srv.join()
+    assert not srv.errors, srv.errors
+    assert len(client_rekeys) >= 2

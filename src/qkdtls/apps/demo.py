@@ -171,7 +171,8 @@ def format_report(report: DemoReport) -> str:
             f"profile {first.profile}, {first.cipher}"
         )
         for i, h in enumerate(report.handshakes, 1):
-            lines.append(f"  #{i}: key {h.key_id}  handshake {h.ms:.1f} ms")
+            note = "  (first: opens the KME connections)" if i == 1 else ""
+            lines.append(f"  #{i}: key {h.key_id}  handshake {h.ms:.1f} ms{note}")
     if report.https:
         h = report.https
         lines.append(

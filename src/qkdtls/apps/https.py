@@ -266,7 +266,7 @@ class HttpsServer:
                     _send(stream, conn, exc.error_status_hint, "text/plain", f"{exc}\n".encode(), close=True)
                 return
             code, ctype, payload = self._respond(event, status)
-            _send(stream, conn, code, ctype, payload)
+            _send(stream, conn, code, ctype, payload, head=event.method == b"HEAD")
             with self._lock:
                 self.served += 1
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -299,7 +299,14 @@ def _next_event(conn: h11.Connection, stream: TLSStream) -> Any:
 
 
 def _send(
-    stream: TLSStream, conn: h11.Connection, code: int, ctype: str, body: bytes, *, close: bool = False
+    stream: TLSStream,
+    conn: h11.Connection,
+    code: int,
+    ctype: str,
+    body: bytes,
+    *,
+    close: bool = False,
+    head: bool = False,
 ) -> None:
     headers = [
         ("Server", SERVER_NAME),
@@ -309,7 +316,8 @@ def _send(
     if close:
         headers.append(("Connection", "close"))
     out = conn.send(h11.Response(status_code=code, headers=headers))
-    out += conn.send(h11.Data(data=body)) or b""
+    if not head:  # a HEAD answer announces the length of the body it does not carry
+        out += conn.send(h11.Data(data=body)) or b""
     out += conn.send(h11.EndOfMessage()) or b""
     stream.sendall(out)
 

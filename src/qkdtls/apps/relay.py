@@ -115,7 +115,8 @@ class DelayRelay:
 
     ``delay`` is one-way: the round-trip time grows by twice that. Targets may be given later with
     :meth:`set_target` (a route without a target refuses connections), which lets a relay start before the
-    server behind it.
+    server behind it. With ``emulate_tcp_handshake`` the client's first bytes are held for one more round
+    trip, which the TCP handshake would have cost on a real link (here the kernel completes it locally).
     """
 
     def __init__(
@@ -125,8 +126,10 @@ class DelayRelay:
         *,
         host: str = LOOPBACK,
         connect_timeout: float = 5.0,
+        emulate_tcp_handshake: bool = False,
     ) -> None:
         self.delay = _check_delay(delay)
+        self.emulate_tcp_handshake = emulate_tcp_handshake
         self.host = host
         self.connect_timeout = connect_timeout
         self._routes = {name: _Route(name, target) for name, target in routes.items()}
@@ -196,6 +199,7 @@ class DelayRelay:
     async def _connection(
         self, route: _Route, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter
     ) -> None:
+        accepted = asyncio.get_running_loop().time()
         self._writers.add(c_writer)
         route.writers.add(c_writer)
         t_writer: asyncio.StreamWriter | None = None
@@ -210,8 +214,8 @@ class DelayRelay:
             except (OSError, TimeoutError) as exc:
                 route.counters.refused += 1
                 log.warning(
-                    "relay target unreachable", extra={"event": "relay.refused", "route": route.name,
-                                                       "error": str(exc)}
+                    "relay target unreachable",
+                    extra={"event": "relay.refused", "route": route.name, "error": str(exc)},
                 )
                 return
             self._writers.add(t_writer)
@@ -219,8 +223,11 @@ class DelayRelay:
             _nodelay(c_writer)
             _nodelay(t_writer)
             route.counters.connections += 1
+            # The kernel completed the client's TCP handshake locally; a link would have delayed the
+            # client's first bytes by the SYN/SYN-ACK round trip as well.
+            not_before = accepted + 2 * self.delay if self.emulate_tcp_handshake else 0.0
             await asyncio.gather(
-                self._direction(route, UP, c_reader, t_writer, c_writer),
+                self._direction(route, UP, c_reader, t_writer, c_writer, not_before),
                 self._direction(route, DOWN, t_reader, c_writer, t_writer),
             )
         finally:
@@ -237,18 +244,22 @@ class DelayRelay:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         source: asyncio.StreamWriter,
+        not_before: float = 0.0,
     ) -> None:
-        """Copies one direction; the reader stamps due times and a second task writes at those times."""
+        """Copies one direction; the reader stamps due times and a second task writes at those times.
+
+        No chunk leaves before ``not_before`` + delay (the emulated TCP handshake).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_CHUNKS)
 
         async def read() -> None:
             try:
                 while chunk := await reader.read(READ_SIZE):
-                    await queue.put((loop.time() + self.delay, chunk))
+                    await queue.put((max(loop.time(), not_before) + self.delay, chunk))
             except OSError:
                 pass
-            await queue.put((loop.time() + self.delay, b""))
+            await queue.put((max(loop.time(), not_before) + self.delay, b""))
 
         async def write() -> None:
             while True:
@@ -346,10 +357,11 @@ def child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qkdtls.apps.relay")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay in milliseconds")
     parser.add_argument("--route", type=_parse_route, action="append", required=True, help="NAME[=HOST:PORT]")
+    parser.add_argument("--tcp-handshake", action="store_true", help="emulate the TCP handshake's round trip")
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        relay = DelayRelay(dict(args.route), args.delay_ms / 1000)
+        relay = DelayRelay(dict(args.route), args.delay_ms / 1000, emulate_tcp_handshake=args.tcp_handshake)
         await relay.start()
         try:
             await _serve_control(relay, sys.stdout)
@@ -375,10 +387,16 @@ class RelayProcess:
     """
 
     def __init__(
-        self, routes: Mapping[str, tuple[str, int] | None], delay_ms: float, *, timeout: float = 10.0
+        self,
+        routes: Mapping[str, tuple[str, int] | None],
+        delay_ms: float,
+        *,
+        timeout: float = 10.0,
+        emulate_tcp_handshake: bool = False,
     ) -> None:
         self.routes = dict(routes)
         self.delay_ms = delay_ms
+        self.emulate_tcp_handshake = emulate_tcp_handshake
         self.timeout = timeout
         self.addresses: dict[str, tuple[str, int]] = {}
         self._proc: subprocess.Popen[str] | None = None
@@ -387,6 +405,8 @@ class RelayProcess:
         cmd = [sys.executable, "-m", "qkdtls.apps.relay", "--delay-ms", str(self.delay_ms)]
         for name, target in self.routes.items():
             cmd += ["--route", name if target is None else f"{name}={target[0]}:{target[1]}"]
+        if self.emulate_tcp_handshake:
+            cmd.append("--tcp-handshake")
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import sys
@@ -30,6 +29,12 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
         "--config", required=True, type=Path, help="configuration file (see docs/kme.example.toml)"
     )
     serve.add_argument("--ready-file", type=Path, help="write the bound ports as JSON here once listening")
+    serve.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="asyncio implementation: auto = uvloop when installed (faster TLS and HTTP), else asyncio",
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
@@ -88,12 +93,13 @@ def _load(path: Path) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from qkdtls.kme.server import serve
-    from qkdtls.kme.store import StoreError
+    from qkdtls.kme.server import run
 
     config = _load(args.config)
+    from qkdtls.kme.store import StoreError
+
     try:
-        asyncio.run(serve(config, ready_file=args.ready_file))
+        run(config, ready_file=args.ready_file, event_loop=args.event_loop)
     except (OSError, StoreError, ValueError) as exc:
         # Port in use, unreadable certificate or key, database unreachable: the operator's to fix.
         raise UserError(f"cannot start the KME: {exc}") from None

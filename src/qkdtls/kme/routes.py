@@ -134,6 +134,26 @@ def error_middleware(
     return middleware
 
 
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp answers malformed HTTP itself (bad request line, oversized header, bad Content-Length) in
+    text/plain, before any route runs; ETSI 014 clients expect a JSON Error body on every answer."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and raises if a response already started
+        if status >= 500:
+            reply = error_response(503, MSG_INTERNAL)
+        else:
+            reply = error_response(400, "malformed HTTP request")
+        reply.force_close()
+        return reply
+
+
 class AccessLogger(AbstractAccessLogger):
     """One structured record per request (no bodies: they may carry keys)."""
 

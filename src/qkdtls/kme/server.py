@@ -23,9 +23,9 @@ from qkdtls.kme.config import KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.peers import HttpPeerGateway, InterKmeApi
-from qkdtls.kme.routes import AccessLogger, SaeApi
+from qkdtls.kme.routes import AccessLogger, JsonErrorRequestHandler, SaeApi
 from qkdtls.kme.service import KmeService
-from qkdtls.kme.store import open_store
+from qkdtls.kme.store import KeyStore, open_store
 
 log = logging.getLogger("qkdtls.kme.server")
 
@@ -50,12 +50,18 @@ class _TlsSite(web.TCPSite):
         self._handshake_timeout = handshake_timeout
 
     async def start(self) -> None:
-        # Same as TCPSite.start, plus the handshake deadline; each handshake runs in its own task.
+        # Same as TCPSite.start, plus the handshake deadline (each handshake runs in its own task) and a
+        # request handler whose answers to malformed HTTP are JSON too.
         self._runner._reg_site(self)
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server,
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> JsonErrorRequestHandler:
+            return JsonErrorRequestHandler(server, loop=loop, **server._kwargs)
+
+        self._server = await loop.create_server(
+            protocol,
             self._host,
             self._port,
             ssl=self._ssl_context,
@@ -75,7 +81,7 @@ class KmeServer:
         self._runners: list[web.AppRunner] = []
         self._sites: dict[str, _TlsSite] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._store = None
+        self._store: KeyStore | None = None
 
     @property
     def sae_port(self) -> int:
@@ -218,12 +224,25 @@ class KmeServer:
             except Exception:
                 log.exception("closing the key service failed", extra={"event": "kme.close_failed"})
             self.service = None
-        elif self._store is not None and hasattr(self._store, "close"):
+        elif self._store is not None:  # start failed before the service took ownership of the store
             with contextlib.suppress(Exception):
-                result = self._store.close()
-                if asyncio.iscoroutine(result):
-                    await result
+                await self._store.close()
         self._store = None
+
+
+def run(config: KmeConfig, *, ready_file: Path | None = None, event_loop: str = "auto") -> None:
+    """Run :func:`serve` on a new event loop: uvloop when installed (``auto``) or asked for, else asyncio."""
+    if event_loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise ValueError("--event-loop uvloop: the uvloop package is not installed") from None
+        else:
+            # libuv's TCP and TLS paths: about a third less CPU per request than asyncio's, measured here.
+            uvloop.run(serve(config, ready_file=ready_file))
+            return
+    asyncio.run(serve(config, ready_file=ready_file))
 
 
 async def serve(config: KmeConfig, *, ready_file: Path | None = None) -> None:

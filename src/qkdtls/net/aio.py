@@ -206,9 +206,11 @@ class _TLSProtocol(asyncio.Protocol):
 
         assert self.raw is not None
         peer = self.raw.get_extra_info("peername")
-        host = self.server_hostname or (peer[0] if peer else None)
+        peer_ip = peer[0] if peer else None
+        host = self.server_hostname or peer_ip
         port = peer[1] if peer else None
         self._peer = (host, port)
+        self.target_sae_id = self.context.resolve_target(host, port, self.target_sae_id, peer_ip=peer_ip)
         self._kme_busy = True
         try:
             offer = await asyncio.to_thread(self.context.client_offer, host, port, self.target_sae_id)
@@ -219,10 +221,7 @@ class _TLSProtocol(asyncio.Protocol):
             self._kme_busy = False
         if self._done:
             return  # timed out while the KME answered
-        if offer is not None:
-            self._offered = True
-            if self.target_sae_id is None:
-                self.target_sae_id = self.context.resolve_target(host, port)
+        self._offered = offer is not None
         self.session = Session(TLSClient(self.context.client_config(), self.server_hostname, offer))
         try:
             self.session.start()
@@ -251,10 +250,9 @@ class _TLSProtocol(asyncio.Protocol):
         if not self._done:
             self._fail(exc or QKDHandshakeError("connection closed during the TLS handshake"))
             return
-        app = self.app_protocol
-        if app is not None:
-            app.connection_lost(exc if self._failed is None else self._failed_as_exception())
         self.app_transport._closing = True
+        # Before the application attached (open_connection between handshake and streams): delivered then.
+        self._to_app(("lost", exc if self._failed is None else self._failed_as_exception()))
 
     def _failed_as_exception(self) -> Exception | None:
         return self._failed if isinstance(self._failed, Exception) else None
@@ -418,15 +416,16 @@ class _TLSProtocol(asyncio.Protocol):
         for item in pending:
             self._to_app(item)
 
-    def _to_app(self, item: tuple[str, bytes | None]) -> None:
+    def _to_app(self, item: tuple[str, Any]) -> None:
         app = self.app_protocol
         if app is None:
             self._app_pending.append(item)
             return
-        kind, data = item
+        kind, value = item
         if kind == "data":
-            assert data is not None
-            app.data_received(data)
+            app.data_received(value)
+        elif kind == "lost":
+            app.connection_lost(value)
         elif not app.eof_received():
             self.app_transport.close()
 

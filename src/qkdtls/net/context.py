@@ -13,12 +13,15 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 
 from qkdtls.etsi014.client import KmeClient, KmeClientError, KmeClientSettings
 from qkdtls.net.directory import SaeDirectory
@@ -111,7 +114,7 @@ class QKDContext:
         self._cafile: Path | None = None
         self._classic_context: ssl.SSLContext | None = None
         self._lock = threading.Lock()
-        self._owns_kme = False
+        self._release_kme: Callable[[], Any] | None = None
         self.keys = KeySource(self._make_kme(kme, prefetch))
         if certfile is not None:
             self.load_cert_chain(certfile, keyfile)
@@ -130,7 +133,9 @@ class QKDContext:
                 client = KmeClient(kme)
             except (KmeClientError, ValueError) as exc:
                 raise QKDConfigurationError(f"KME client settings unusable: {exc}") from None
-            self._owns_kme = True
+            # A context that created the KME client also ends it (its prefetch thread included), even if the
+            # application forgets close(): when the context is garbage-collected.
+            self._release_kme = weakref.finalize(self, client.close)
             return client
         return kme
 
@@ -159,9 +164,21 @@ class QKDContext:
             self._cafile = Path(cafile)
             self._classic_context = None
 
+    def load_default_certs(self) -> None:
+        """Trust the system's CA bundle (what a client without ``cafile`` uses, as ``ssl`` does)."""
+        paths = ssl.get_default_verify_paths()
+        if paths.cafile is None or not Path(paths.cafile).is_file():
+            raise QKDConfigurationError("no system CA bundle found: pass cafile=")
+        with warnings.catch_warnings():
+            # Some public roots predate RFC 5280's positive-serial rule; they load, with a warning per root.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            self.load_verify_locations(paths.cafile)
+
     # -- engine configuration ----------------------------------------------------------------------------
 
     def client_config(self) -> ClientConfig:
+        if self._trust is None and self.verify:
+            self.load_default_certs()
         return ClientConfig(
             trust=list(self._trust) if self._trust is not None else None,
             check_hostname=self.check_hostname,
@@ -203,10 +220,16 @@ class QKDContext:
 
     # -- client-side key decisions -----------------------------------------------------------------------
 
-    def resolve_target(self, host: str | None, port: int | None, explicit: int | None = None) -> int | None:
+    def resolve_target(
+        self, host: str | None, port: int | None, explicit: int | None = None, peer_ip: str | None = None
+    ) -> int | None:
+        """The server's SAE ID: ``explicit``, else the directory entry for its name, else for its IP."""
         if explicit is not None:
             return explicit
-        return self.directory.resolve(host, port)
+        sae = self.directory.resolve(host, port)
+        if sae is None and peer_ip and peer_ip != host:
+            sae = self.directory.resolve(peer_ip, port)
+        return sae
 
     def client_offer(
         self, host: str | None, port: int | None, target_sae_id: int | None = None
@@ -298,8 +321,8 @@ class QKDContext:
 
     def close(self) -> None:
         """Close the KME client if this context created it."""
-        if self._owns_kme and self.keys.kme is not None:
-            self.keys.kme.close()
+        if self._release_kme is not None:
+            self._release_kme()
 
     def __enter__(self) -> QKDContext:
         return self

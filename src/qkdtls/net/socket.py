@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # Large reads: per-call overhead (syscall, engine entry, event dispatch) dominates small reads in bulk
 # transfers; 256 KiB (about 16 records) measured fastest on loopback (bench/bulk.py).
 _READ_SIZE = 256 * 1024
+# Handshake flights are a few KiB; a smaller read keeps allocation cheap there.
+_HANDSHAKE_READ_SIZE = 64 * 1024
 # sendall() hands the engine this much at a time, so a huge buffer is never doubled in memory.
 _SEND_CHUNK = 16 * 16384
 # close()/unwrap() never wait longer than this for the socket to accept the close_notify or the peer's answer.
@@ -206,10 +208,10 @@ class QKDSocket:
         peer_host, peer_port = self._sock.getpeername()[:2]
         host = self.server_hostname or peer_host
         self._peer = (host, peer_port)
+        self.target_sae_id = ctx.resolve_target(host, peer_port, self.target_sae_id, peer_ip=peer_host)
         offer = ctx.client_offer(host, peer_port, self.target_sae_id)
         if offer is not None:
             self._offered_key_id = offer.key_id
-            self.target_sae_id = self.target_sae_id or ctx.resolve_target(host, peer_port)
         session = Session(TLSClient(ctx.client_config(), self.server_hostname, offer))
         session.start()
         return session
@@ -226,6 +228,12 @@ class QKDSocket:
                 self._session = self._new_session()
             session = self._session
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QKDHandshakeTimeout(
+                        f"TLS handshake not complete after {self.context.handshake_timeout:g} s"
+                    )
+                self._sock.settimeout(left)  # bounds the writes below as well as the read
                 self._flush()
                 self._dispatch_handshake_events(session)
                 self._flush()
@@ -233,14 +241,8 @@ class QKDSocket:
                     break
                 if session.closed_by_peer:
                     raise QKDHandshakeError("peer closed the connection during the handshake")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise QKDHandshakeTimeout(
-                        f"TLS handshake not complete after {self.context.handshake_timeout:g} s"
-                    )
-                self._sock.settimeout(left)
                 try:
-                    data = self._sock.recv(_READ_SIZE)
+                    data = self._sock.recv(_HANDSHAKE_READ_SIZE)
                 except TimeoutError:
                     continue  # the deadline check above raises
                 self._feed(data)

@@ -407,7 +407,8 @@ class TLSClient:
 
     def _send_client_hello(self) -> None:
         use_psk = self._psk_usable()
-        suites = self._offered_suites()
+        # The second ClientHello repeats the first one's cipher suites (§4.1.2).
+        suites = self._hello.cipher_suites if self._hello is not None else self._offered_suites()
         if not use_psk:
             hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(None))
         else:
