@@ -69,3 +69,15 @@ def test_wrong_server_name_fails_certificate_check(tls_pki: PeerPki) -> None:
             client.wrap_socket(raw, server_hostname="not-the-server.example")
         srv.join()
     assert failure.value.alert in (AlertDescription.bad_certificate, AlertDescription.certificate_unknown)
+
+
+def test_server_without_certificate_refuses_classic_clients_with_an_alert(tls_pki: PeerPki) -> None:
+    server = QKDContext("server", qkd="preferred")  # QKD only in practice: no certificate for classic TLS
+    client = QKDContext("client", qkd="off", cafile=tls_pki.ca_cert)
+    with OneShotServer(lambda raw: server.wrap_socket(raw, server_side=True)) as srv:
+        raw = socket.create_connection((HOST, srv.port), timeout=5)
+        with pytest.raises(QKDHandshakeError) as failure:
+            client.wrap_socket(raw, server_hostname="localhost")
+        srv.join()
+    assert failure.value.sent_by_peer and failure.value.alert == AlertDescription.handshake_failure
+    assert isinstance(srv.errors[0], QKDHandshakeError)

@@ -19,7 +19,7 @@ from qkdtls.net.errors import (
     QKDPolicyError,
 )
 from qkdtls.net.handoff import ClassicSession
-from qkdtls.tls.alerts import AlertDescription, PeerAlert, TLSAlert, TLSError
+from qkdtls.tls.alerts import AlertDescription, AlertLevel, PeerAlert, TLSAlert, TLSError, encode_alert
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
@@ -48,6 +48,7 @@ class Session:
         self._classic_context = classic_context
         self._classic: ClassicSession | None = None
         self._events: deque[Event] = deque()
+        self._alert_out = b""
         self.info: ConnectionInfo | None = None
         self.closed_by_peer = False
         self.failed: QKDError | None = None
@@ -111,8 +112,13 @@ class Session:
 
     def _hand_off(self, initial_data: bytes) -> None:
         if self._classic_context is None:
-            # A server without a certificate cannot serve classic clients; tell the peer why.
-            raise QKDHandshakeError("classic client, but this server has no certificate for classic TLS")
+            # A server without a certificate cannot serve classic clients: a plaintext handshake_failure
+            # alert tells the peer, as OpenSSL would.
+            self._alert_out = encode_plaintext_alert(AlertDescription.handshake_failure)
+            raise QKDHandshakeError(
+                "classic client, but this server has no certificate for classic TLS",
+                AlertDescription.handshake_failure,
+            )
         self._classic = ClassicSession(self._classic_context, initial_data)
         self._advance_classic()
 
@@ -173,7 +179,8 @@ class Session:
     def data_to_send(self) -> bytes:
         if self._classic is not None:
             return self._classic.data_to_send()
-        return self.conn.data_to_send()
+        out, self._alert_out = self.conn.data_to_send() + self._alert_out, b""
+        return out
 
     def send_data(self, data: bytes) -> None:
         """Queue application data; :class:`QKDConnectionError` if the connection can no longer send."""
@@ -244,3 +251,8 @@ class Session:
         if self._classic is not None:
             return  # Python ssl has no KeyUpdate API; OpenSSL updates keys itself when limits require
         self._guarded("update_key", request_peer)
+
+
+def encode_plaintext_alert(description: AlertDescription) -> bytes:
+    """A whole unprotected fatal alert record (for a peer we never shared keys with)."""
+    return bytes((21, 3, 3, 0, 2)) + encode_alert(description, AlertLevel.fatal)

@@ -5,11 +5,17 @@ the same framing as standard AEAD records. Limits enforced here: a plaintext rec
 protected body ≤ 2^14 + 256 and its inner plaintext ≤ 2^14 + 1 (record_overflow); unknown content types
 and misplaced change_cipher_spec records are unexpected_message; zero-length handshake and alert records
 are rejected (§5.1, §5.4).
+
+Bulk data is the hot path, so copies are counted: a batch of AEAD records is sealed into one buffer allocated
+at its final size (no concatenation, and no second large allocation, which on this kind of machine costs
+page faults worth more than the encryption), and received bytes are parsed in place (:meth:`RecordLayer.
+borrowing`): only an incomplete record at the end of a read is copied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -34,6 +40,12 @@ COMPAT_CCS_RECORD = b"\x14\x03\x03\x00\x01\x01"
 # A handshake message larger than this is refused: certificate chains of a few certificates fit easily.
 MAX_HANDSHAKE_MESSAGE = 1 << 17
 _SEQUENCE_LIMIT = (1 << 64) - 1
+_TAG_LENGTH = 16
+# Header, content type byte and tag around each record's plaintext.
+_RECORD_OVERHEAD = HEADER_LENGTH + 1 + _TAG_LENGTH
+_APPLICATION_DATA_TLS12 = bytes((23, 3, 3))
+
+Bytes = bytes | bytearray | memoryview
 
 
 def record_header(content_type: int, version: int, length: int) -> bytes:
@@ -47,7 +59,7 @@ class RecordProtection(Protocol):
         """A whole record (header included) carrying ``data`` of ``content_type``."""
         ...
 
-    def open(self, outer_type: int, version: int, body: bytes) -> tuple[int, bytes]:
+    def open(self, outer_type: int, version: int, body: bytes) -> tuple[int, bytes | bytearray]:
         """(inner content type, plaintext) of a received record."""
         ...
 
@@ -99,14 +111,38 @@ class AeadProtection:
         self.sequence += 1
         return nonce
 
-    def seal(self, content_type: int, data: bytes) -> bytes:
+    def seal(self, content_type: int, data: Bytes) -> bytes:
         if len(data) > MAX_PLAINTEXT:
             raise InternalError("record plaintext longer than 2^14")
-        inner = data + bytes((content_type,))
-        header = record_header(APPLICATION_DATA, TLS12, len(inner) + 16)
-        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+        return bytes(self.seal_records(content_type, data))
 
-    def open(self, outer_type: int, version: int, body: bytes) -> tuple[int, bytes]:
+    def seal_records(self, content_type: int, data: Bytes) -> bytearray:
+        """Records carrying ``data`` (fragmented to 2^14 bytes), sealed straight into one buffer."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        count = max(1, -(-size // MAX_PLAINTEXT))
+        out = bytearray(size + count * _RECORD_OVERHEAD)
+        out_view = memoryview(out)
+        # The inner plaintext (content, then its type) is assembled in a scratch buffer so that encrypt_into
+        # never reads and writes the same memory.
+        scratch = bytearray(min(size, MAX_PLAINTEXT) + 1)
+        scratch_view = memoryview(scratch)
+        encrypt_into = self._aead.encrypt_into
+        position = 0
+        for start in range(0, max(size, 1), MAX_PLAINTEXT):
+            piece = view[start : start + MAX_PLAINTEXT]
+            length = len(piece)
+            header = _APPLICATION_DATA_TLS12 + (length + 1 + _TAG_LENGTH).to_bytes(2, "big")
+            scratch_view[:length] = piece
+            scratch[length] = content_type
+            body = position + HEADER_LENGTH
+            out_view[position:body] = header
+            end = body + length + 1 + _TAG_LENGTH
+            encrypt_into(self._next_nonce(), scratch_view[: length + 1], header, out_view[body:end])
+            position = end
+        return out
+
+    def open(self, outer_type: int, version: int, body: Bytes) -> tuple[int, bytes | bytearray]:
         if outer_type != APPLICATION_DATA:
             raise UnexpectedMessage("unprotected record after keys were established")
         if len(body) > MAX_CIPHERTEXT:
@@ -114,11 +150,19 @@ class AeadProtection:
         if len(body) < 17:
             raise BadRecordMac("protected record too short")
         header = record_header(outer_type, version, len(body))
+        inner = bytearray(len(body) - _TAG_LENGTH)
         try:
-            inner = self._aead.decrypt(self._next_nonce(), body, header)
+            self._aead.decrypt_into(self._next_nonce(), body, header, inner)
         except InvalidTag:
             raise BadRecordMac("record authentication failed") from None
-        return split_inner_plaintext(inner)
+        if inner[-1]:
+            # No padding (what every peer we know sends): drop the type byte in place, no copy.
+            content_type = inner[-1]
+            del inner[-1]
+            if len(inner) > MAX_PLAINTEXT:
+                raise RecordOverflow("inner plaintext longer than 2^14 + 1")
+            return content_type, inner
+        return split_inner_plaintext(bytes(inner))
 
 
 def split_inner_plaintext(inner: bytes) -> tuple[int, bytes]:
@@ -137,10 +181,17 @@ class RecordLayer:
     ``allow_ccs`` is True while a TLS 1.3 handshake is in progress: an unprotected ``14 03 03 00 01 01``
     is then dropped, anything else of type 20 is unexpected_message. ``raw_types`` are content types handed
     to the caller without going through the read protection (the reference profile's 0x50 record).
+
+    Incoming bytes are either copied in (:meth:`feed`) or lent for the duration of a ``with``
+    (:meth:`borrowing`); whatever is not consumed when the loan ends is copied then.
     """
 
     def __init__(self) -> None:
+        # Owned bytes not yet framed: an incomplete record, or records the caller has not asked for yet.
         self._incoming = bytearray()
+        # Lent bytes (see borrowing) and how far they are consumed; always after _incoming in stream order.
+        self._lent: memoryview = memoryview(b"")
+        self._lent_at = 0
         self.read: RecordProtection = PlaintextProtection()
         self.write: RecordProtection = PlaintextProtection()
         self.allow_ccs = False
@@ -151,26 +202,86 @@ class RecordLayer:
 
     @property
     def buffered(self) -> int:
-        return len(self._incoming)
+        return len(self._incoming) + len(self._lent) - self._lent_at
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Bytes) -> None:
+        """Buffer a copy of ``data``."""
+        self._keep_lent()
         self._incoming += data
 
-    def next_record(self) -> tuple[int, bytes] | None:
+    @contextmanager
+    def borrowing(self, data: Bytes) -> Iterator[None]:
+        """Frame records straight out of ``data`` (no copy) inside the ``with``; the rest is copied at exit.
+
+        The caller may reuse ``data``'s memory afterwards: no record handed out refers to it (protected
+        records are decrypted into fresh buffers, anything else is copied).
+        """
+        self._keep_lent()
+        self._lent = memoryview(data).cast("B")
+        self._lent_at = 0
+        try:
+            yield
+        finally:
+            self._keep_lent()
+
+    def _keep_lent(self) -> None:
+        if self._lent_at < len(self._lent):
+            self._incoming += self._lent[self._lent_at :]
+        self._lent = memoryview(b"")
+        self._lent_at = 0
+
+    def _next_frame(self) -> tuple[int, int, Bytes] | None:
+        """(type, version, body) of the next whole record; the body may be a view of lent memory."""
+        incoming = self._incoming
+        if incoming:
+            # Complete the owned partial record from the lent bytes, taking no more than it needs.
+            if len(incoming) < HEADER_LENGTH:
+                self._take_lent(HEADER_LENGTH - len(incoming))
+                if len(incoming) < HEADER_LENGTH:
+                    return None
+            length = self._check_header(incoming[0], incoming[3] << 8 | incoming[4])
+            missing = HEADER_LENGTH + length - len(incoming)
+            if missing > 0:
+                self._take_lent(missing)
+                if len(incoming) < HEADER_LENGTH + length:
+                    return None
+            version = incoming[1] << 8 | incoming[2]
+            outer_type = incoming[0]
+            body = bytes(incoming[HEADER_LENGTH : HEADER_LENGTH + length])
+            del incoming[: HEADER_LENGTH + length]
+            return outer_type, version, body
+        lent, at = self._lent, self._lent_at
+        if len(lent) - at < HEADER_LENGTH:
+            return None
+        length = self._check_header(lent[at], lent[at + 3] << 8 | lent[at + 4])
+        end = at + HEADER_LENGTH + length
+        if end > len(lent):
+            return None
+        self._lent_at = end
+        return lent[at], lent[at + 1] << 8 | lent[at + 2], lent[at + HEADER_LENGTH : end]
+
+    def _take_lent(self, limit: int) -> None:
+        taken = self._lent[self._lent_at : self._lent_at + limit]
+        self._incoming += taken
+        self._lent_at += len(taken)
+
+    def _check_header(self, outer_type: int, length: int) -> int:
+        if outer_type not in STANDARD_TYPES and outer_type not in self.raw_types:
+            raise UnexpectedMessage(f"unknown record content type {outer_type}")
+        if length > MAX_CIPHERTEXT:
+            raise RecordOverflow("record longer than 2^14 + 256")
+        return length
+
+    def next_record(self) -> tuple[int, bytes | bytearray] | None:
         """The next (content type, plaintext), or None until a whole record is buffered."""
         # Bounded: every pass either returns or consumes one whole record from the buffer.
-        while len(self._incoming) >= HEADER_LENGTH:
-            outer_type = self._incoming[0]
-            version = int.from_bytes(self._incoming[1:3], "big")
-            length = int.from_bytes(self._incoming[3:5], "big")
-            if outer_type not in STANDARD_TYPES and outer_type not in self.raw_types:
-                raise UnexpectedMessage(f"unknown record content type {outer_type}")
-            if length > MAX_CIPHERTEXT:
-                raise RecordOverflow("record longer than 2^14 + 256")
-            if len(self._incoming) < HEADER_LENGTH + length:
-                return None
-            body = bytes(self._incoming[HEADER_LENGTH : HEADER_LENGTH + length])
-            del self._incoming[: HEADER_LENGTH + length]
+        while (frame := self._next_frame()) is not None:
+            outer_type, version, lent_body = frame
+            read = self.read
+            if isinstance(read, AeadProtection) and outer_type == APPLICATION_DATA and self.on_record is None:
+                # The bulk path: decrypted from the (possibly lent) bytes into a fresh buffer.
+                return self._checked(*read.open(outer_type, version, lent_body))
+            body = bytes(lent_body)
             if self.on_record is not None:
                 self.on_record(outer_type, version, body)
             if outer_type == CHANGE_CIPHER_SPEC:
@@ -179,27 +290,34 @@ class RecordLayer:
                 raise UnexpectedMessage("change_cipher_spec outside the handshake")
             if outer_type in self.raw_types:
                 return outer_type, body
-            if outer_type == ALERT and getattr(self.read, "protected", True):
+            if outer_type == ALERT and getattr(read, "protected", True):
                 # A peer that failed before it had our keys alerts in plaintext; report what it said.
                 if self.allow_plaintext_alerts and len(body) == 2:
                     return ALERT, body
                 raise UnexpectedMessage("unprotected alert after keys were established")
-            content_type, plaintext = self.read.open(outer_type, version, body)
-            if content_type not in STANDARD_TYPES or content_type == CHANGE_CIPHER_SPEC:
-                raise UnexpectedMessage(f"unexpected inner content type {content_type}")
-            if not plaintext and content_type in (HANDSHAKE, ALERT):
-                raise UnexpectedMessage("zero-length handshake or alert record")
-            return content_type, plaintext
+            return self._checked(*read.open(outer_type, version, body))
         return None
 
-    def seal(self, content_type: int, data: bytes) -> bytes:
+    @staticmethod
+    def _checked(content_type: int, plaintext: bytes | bytearray) -> tuple[int, bytes | bytearray]:
+        if content_type not in STANDARD_TYPES or content_type == CHANGE_CIPHER_SPEC:
+            raise UnexpectedMessage(f"unexpected inner content type {content_type}")
+        if not plaintext and content_type in (HANDSHAKE, ALERT):
+            raise UnexpectedMessage("zero-length handshake or alert record")
+        return content_type, plaintext
+
+    def seal(self, content_type: int, data: Bytes) -> bytearray:
         """Records carrying ``data``, fragmented to 2^14 bytes each."""
+        write = self.write
+        if isinstance(write, AeadProtection):
+            return write.seal_records(content_type, data)
         if not data:
-            return self.write.seal(content_type, b"")
+            return bytearray(write.seal(content_type, b""))
+        view = memoryview(data).cast("B")
         out = bytearray()
-        for start in range(0, len(data), MAX_PLAINTEXT):
-            out += self.write.seal(content_type, data[start : start + MAX_PLAINTEXT])
-        return bytes(out)
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            out += write.seal(content_type, bytes(view[start : start + MAX_PLAINTEXT]))
+        return out
 
 
 def encode_handshake(msg_type: int, body: bytes) -> bytes:

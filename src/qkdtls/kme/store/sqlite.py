@@ -1,20 +1,31 @@
-"""SQLite key store (the default): one connection, called synchronously in the event loop.
+"""SQLite key store (the default): one connection, driven by one dedicated writer thread.
 
-Direct calls were measured 2-3x faster than aiosqlite's thread hop, and group commit (see ``sql.py``) already
-bounds how long one batch blocks the loop. The database is opened in WAL mode with ``synchronous=FULL`` (a
-power loss must not roll back a deletion and so hand a key out twice), ``secure_delete=ON`` (deleted key
-bytes are overwritten) and ``locking_mode=EXCLUSIVE``: one KME process owns the file, which is what makes
-releasing every held block at start-up safe (see ``KmeService``). Several processes on one database need
-the PostgreSQL store.
+Batches (group commit, see ``sql.py``) run in the writer thread: a ``synchronous=FULL`` commit waits for an
+fsync (about 1-2 ms here) with the GIL released, and the event loop keeps serving HTTP meanwhile, queueing
+the next batch. One thread hop per batch, not per operation, is what made this cheaper than aiosqlite.
+
+The database is opened in WAL mode with ``synchronous=FULL`` (a power loss must not roll back a deletion and
+so hand a key out twice), ``secure_delete=ON`` (deleted key bytes are overwritten) and
+``locking_mode=EXCLUSIVE``: one KME process owns the file. That single owner is what lets holds live in
+memory only (``holds.py``): they die with the process anyway, so holding and releasing never touch the
+database, and only consuming or burning blocks commits. Several processes on one database need the
+PostgreSQL store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from qkdtls.kme.store.base import StoreUnavailable
-from qkdtls.kme.store.sql import SCHEMA_VERSION, SqlKeyStore
+from qkdtls.kme.store.base import Block, LinkStats, LostHold, ShortStock, StoreUnavailable
+from qkdtls.kme.store.holds import VolatileHolds
+from qkdtls.kme.store.sql import SCHEMA_VERSION, Op, SqlKeyStore, Tx, _chunks, _marks
+
+# Free blocks read into memory per refill: one read per this many held blocks, a few KiB of key material.
+READ_AHEAD = 512
 
 SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,8 +56,11 @@ class SqliteKeyStore(SqlKeyStore):
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
         super().__init__()
         self.path = path
+        self._holds = VolatileHolds()
+        self._refilling: dict[tuple[int, int], asyncio.Lock] = {}
         try:
-            self._conn = sqlite3.connect(path, isolation_level=None)
+            # Used from the writer thread only once open; batches never overlap (one thread).
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self._conn.execute("PRAGMA locking_mode = EXCLUSIVE")
             if path != ":memory:":
@@ -72,6 +86,7 @@ class SqliteKeyStore(SqlKeyStore):
             self.released_at_open = len(released)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open key store {path}: {exc}") from None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kme-sqlite")
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -101,9 +116,117 @@ class SqliteKeyStore(SqlKeyStore):
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
+    async def _execute(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
+        ops = [op for op, _ in batch]
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run_batch, ops)
+
     async def close(self) -> None:
         if self._closed:
             return
         await self._drain()
         self._closed = True
-        self._conn.close()
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._conn.close)
+        self._writer.shutdown(wait=True)
+
+    # -- holds in memory (see holds.py) ---------------------------------------------------------------------
+
+    async def _read_ahead(self, link: int, direction: int, above: int, limit: int) -> list[Block]:
+        def op(tx: Tx) -> list[Block]:
+            tx.cur.execute(
+                f"SELECT seq, data FROM blocks{self.free_index} WHERE link = ? AND direction = ? "
+                "AND held_by IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                (link, direction, above, limit),
+            )
+            return [Block(seq, bytes(data)) for seq, data in tx.cur.fetchall()]
+
+        return await self._do(op)
+
+    async def hold_blocks(self, link: int, direction: int, count: int) -> list[Block]:
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        taken = self._holds.hold(link, direction, count)
+        if taken is not None:
+            return taken
+        # One refill per direction at a time: the frontier only moves under this lock.
+        lock = self._refilling.setdefault((link, direction), asyncio.Lock())
+        async with lock:
+            for _ in range(64):  # each read adds up to READ_AHEAD blocks; concurrent holders may take them
+                short = count - self._holds.available(link, direction)
+                if short <= 0:
+                    break
+                limit = max(short, READ_AHEAD)
+                rows = await self._read_ahead(link, direction, self._holds.frontier(link, direction), limit)
+                self._holds.add_read(link, direction, rows)
+                if len(rows) < limit:
+                    break
+            taken = self._holds.hold(link, direction, count)
+        if taken is None:
+            raise ShortStock(self._holds.available(link, direction))
+        return taken
+
+    async def release_blocks(self, link: int, seqs: Sequence[int]) -> int:
+        return self._holds.release(link, seqs)
+
+    def _delete_rows(self, tx: Tx, link: int, seqs: Sequence[int]) -> int:
+        deleted = 0
+        for chunk in _chunks(list(seqs)):
+            tx.cur.execute(
+                f"DELETE FROM blocks WHERE link = ? AND held_by IS NULL AND seq IN ({_marks(len(chunk))}) "
+                "RETURNING direction",
+                (link, *chunk),
+            )
+            for (direction,) in tx.cur.fetchall():
+                tx.add(link, f"free{direction}", -1)
+                deleted += 1
+        return deleted
+
+    async def consume_held(self, link: int, seqs: Sequence[int]) -> None:
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        unique = list(dict.fromkeys(seqs))
+        if not self._holds.all_held(link, unique):
+            raise LostHold(f"{len(unique)} held blocks on link {link} are no longer held")
+
+        def op(tx: Tx) -> None:
+            if self._delete_rows(tx, link, unique) != len(unique):
+                raise LostHold(f"{len(unique)} held blocks on link {link} are gone from the store")
+
+        try:
+            await self._do(op)
+        except LostHold:
+            self._holds.forget(link, unique)  # not in the database: never hand them out again
+            raise
+        self._holds.forget(link, unique)
+
+    async def burn_held(self, link: int, seqs: Sequence[int]) -> int:
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        ours = self._holds.held_only(link, seqs)
+
+        def op(tx: Tx) -> int:
+            burnt = self._delete_rows(tx, link, ours)
+            tx.add(link, "burnt", burnt)
+            return burnt
+
+        burnt = await self._do(op) if ours else 0
+        self._holds.forget(link, ours)
+        return burnt
+
+    async def release_stale_holds(self, held_before: float, limit: int = 10_000) -> int:
+        return self._holds.release_older_than(held_before, limit)
+
+    async def free_blocks(self, link: int, direction: int) -> int:
+        return await super().free_blocks(link, direction) - self._holds.held_count(link, direction)
+
+    async def link_stats(self, link: int) -> LinkStats:
+        stats = await super().link_stats(link)
+        free = {d: n - self._holds.held_count(link, d) for d, n in stats.free_blocks.items()}
+        return LinkStats(
+            link=stats.link,
+            free_blocks=free,
+            reserved_keys=stats.reserved_keys,
+            imported_bytes=stats.imported_bytes,
+            burnt_blocks=stats.burnt_blocks,
+            expired_keys=stats.expired_keys,
+            histogram=stats.histogram,
+        )
