@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the programs the test suite talks to as independent peers: OpenSSL, curl, GnuTLS's
-# gnutls-cli/gnutls-serv and a PostgreSQL server. Only what is missing is installed; needs root.
+# gnutls-cli/gnutls-serv, a PostgreSQL server and a headless browser. Only what is missing is installed; needs root.
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -8,6 +8,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v gnutls-cli >/dev/null || need+=(gnutls-bin)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v runuser >/dev/null || need+=(util-linux)
+# The video call test screenshots the receiver's web page with headless Chromium.
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

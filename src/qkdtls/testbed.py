@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -40,11 +41,23 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest test class
 
 
+# KME ports are written into the configurations before the KMEs start, so they are chosen ahead of binding.
+# Drawing them below Linux's ephemeral range (32768-60999) keeps them out of the way of the ports the kernel
+# hands to every connecting socket and to servers that bind port 0 in the meantime.
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    """A currently free TCP port on loopback (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on loopback that is free now, outside the kernel's ephemeral range."""
+    for _ in range(200):
+        port = random.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise TestbedError(f"no free TCP port on {LOOPBACK} in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
 def _toml_str(value: str | Path) -> str:

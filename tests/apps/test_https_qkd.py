@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -69,3 +73,29 @@ def test_https_get_command_reports_missing_kme_options(server: HttpsServer) -> N
     )
     assert out.returncode == 2
     assert b"--qkd required needs --kme" in out.stderr
+
+
+def test_https_server_command(qkd_sites: DemoSites) -> None:
+    tb = qkd_sites.testbed
+    cert, key, ca = tb.sae_credentials(SITE_B_SAE)
+    app_cert, app_key, _ = tb.app_server_credentials(SITE_B_SAE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkdtls", "https-server", "--cert", str(app_cert), "--key", str(app_key),
+         "--kme", tb.sae_url(2), "--kme-cert", str(cert), "--kme-key", str(key), "--kme-ca", str(ca)],
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        assert proc.stderr is not None
+        banner = b""
+        deadline = time.monotonic() + 30
+        while b"Ctrl-C" not in banner:
+            assert time.monotonic() < deadline and proc.poll() is None, banner.decode()
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                banner += os.read(proc.stderr.fileno(), 4096)
+        url = re.search(rb"serving (\S+) ", banner).group(1).decode()
+        status = https_get(url + "status", qkd_sites.a.client, SITE_B_SAE).json()
+        assert status["mode"] == "qkd" and status["peer_SAE_ID"] == SITE_A_SAE
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

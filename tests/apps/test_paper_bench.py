@@ -38,6 +38,8 @@ def test_quick_benchmark_measures_every_variant(tmp_path: Path) -> None:
         assert run.client_kme_connections == run.server_kme_connections == 0
         assert run.server_kme_requests == 1  # dec_keys
     assert by[(rtt, "tls13")].runs[0].kme_link.chunks == 0
+    cold, warm = (by[(rtt, k)].to_json()["messages_estimate"] for k in ("secure-cold", "secure-warm"))
+    assert cold > warm > by[(rtt, "tls13")].to_json()["messages_estimate"]
     table = (tmp_path / "paper_handshake.md").read_text()
     assert table.count("| TLS-QKD secure, kept-alive + prefetch |") == 2
     assert "Paper (≈1 ms RTT, 10 runs)" in table

@@ -180,6 +180,7 @@ def test_emulated_tcp_handshake_holds_the_first_bytes_one_more_round_trip(echo: 
             assert sock.recv(1) == b"x"
             first = time.perf_counter() - start
         later = statistics.median(measure_rtt(relay.addresses["link"], count=5)[1:])
-    # SYN/SYN-ACK, then the data's own round trip; afterwards only the data's.
-    assert 4 * delay <= first < 6 * delay
+    # SYN/SYN-ACK, then the data's own round trip; afterwards only the data's. The relay counts from its
+    # accept(), which may come a little before this process took its start time.
+    assert 4 * delay - 0.002 <= first < 6 * delay
     assert 2 * delay <= later < 3 * delay

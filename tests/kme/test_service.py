@@ -322,7 +322,8 @@ async def test_link_reports_and_sae_info(bed: Bed) -> None:
     assert set(reports) == {1, 2}
     r = reports[1]
     assert r.direction_blocks == {0: 3, 1: 3} and r.stock_bytes == 6 * 32 and r.reserved_keys == 1
-    assert r.imported_bytes == 32 * 7 + 3 and 7.0 < r.entropy_bits_per_byte <= 8.0
+    # The plug-in estimate over only 227 random bytes is about 7 bits per byte, with a wide spread.
+    assert r.imported_bytes == 32 * 7 + 3 and 6.0 < r.entropy_bits_per_byte <= 8.0
     info = bed.services[1].sae_info(12)
     assert (info.SAE_ID, info.KME_ID) == (12, 1)
     with pytest.raises(UnauthorizedError):

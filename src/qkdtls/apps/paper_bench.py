@@ -93,6 +93,19 @@ class Run:
     server_kme_connections: int
     server_collect_ms: float
 
+    def messages_estimate(self) -> float:
+        """Messages between all actors, TCP segments included, as the paper counted them (29).
+
+        Seen by the relay: the chunks on the SAE and inter-KME links. Added: 3 segments per TCP handshake
+        (the SAE connection and each new inter-KME one), and for the SAEs' own KMEs 2 per request plus 6
+        per new connection (TCP handshake, then ClientHello, server flight, client certificate flight).
+        TCP ACKs without data and FINs are left out, as a relay cannot see them.
+        """
+        tcp = 3 * (1 + self.kme_link.connections)
+        local_requests = self.client_kme_requests + self.server_kme_requests
+        local_connections = self.client_kme_connections + self.server_kme_connections
+        return self.sae_link.chunks + self.kme_link.chunks + tcp + 2 * local_requests + 6 * local_connections
+
 
 @dataclass
 class Series:
@@ -131,6 +144,7 @@ class Series:
             "server_kme_requests": self.mean_of(lambda r: r.server_kme_requests),
             "server_kme_connections": self.mean_of(lambda r: r.server_kme_connections),
             "server_dec_keys_ms": round(self.mean_of(lambda r: r.server_collect_ms), 3),
+            "messages_estimate": round(self.mean_of(Run.messages_estimate), 1),
         }
 
 
@@ -458,6 +472,24 @@ class _Client:
             self._shared.close()
 
 
+def _one_run(sites: Sites, client: _Client, rtt_ms: float) -> Run:
+    variant = client.variant
+    if not variant.warm:
+        sites.relay.drop("kme12")
+        sites.relay.drop("kme21")
+        time.sleep(0.02)  # let the KMEs notice the dropped connections
+    sites.relay.reset()
+    server_before = sites.server.kme_counters()
+    ms, mode, requests, connections = client.run(sites.relay.addresses[variant.route], rtt_ms / 1000)
+    counters = sites.relay.counters()
+    server_after = sites.server.kme_counters()
+    return Run(
+        ms, mode, counters[variant.route], counters["kme12"] + counters["kme21"], requests, connections,
+        server_after[0] - server_before[0], server_after[1] - server_before[1],
+        server_after[2] - server_before[2],
+    )
+
+
 def measure(
     sites: Sites,
     rtt_ms: float,
@@ -465,46 +497,34 @@ def measure(
     runs: int,
     progress: Callable[[str], None] = print,
 ) -> list[Series]:
+    """``runs`` handshakes per variant at ``rtt_ms``, interleaved (run i of every variant, then run i + 1)
+    so that a change in the machine's load during the measurement affects all variants alike."""
     sites.relay.set_delay(rtt_ms / 2)
     echo = sites.relay.addresses["sae_echo"]
     measured = statistics.median(measure_rtt(echo, count=20)) * 1000
     progress(f"RTT {rtt_ms:g} ms (measured through the relay: {measured:.2f} ms)")
-    results = []
-    for variant in variants:
-        client = _Client(sites, variant)
-        series = Series(rtt_ms, variant, measured)
-        address = sites.relay.addresses[variant.route]
-        try:
-            for i in range(runs + 1):  # the first run warms caches and pools and is not counted
-                if not variant.warm:
-                    sites.relay.drop("kme12")
-                    sites.relay.drop("kme21")
-                    time.sleep(0.02)  # let the KMEs notice the dropped connections
-                sites.relay.reset()
-                server_before = sites.server.kme_counters()
-                ms, mode, requests, connections = client.run(address, rtt_ms / 1000)
-                counters = sites.relay.counters()
-                server_after = sites.server.kme_counters()
-                kme_link = counters["kme12"] + counters["kme21"]
-                if i == 0:
-                    continue
-                series.runs.append(Run(
-                    ms, mode, counters[variant.route], kme_link, requests, connections,
-                    server_after[0] - server_before[0], server_after[1] - server_before[1],
-                    server_after[2] - server_before[2],
-                ))
-        finally:
+    clients = [_Client(sites, variant) for variant in variants]
+    series = [Series(rtt_ms, variant, measured) for variant in variants]
+    try:
+        for client in clients:
+            _one_run(sites, client, rtt_ms)  # warms caches and pools; not counted
+        for i in range(runs):
+            for client, cell in zip(clients, series, strict=True):
+                cell.runs.append(_one_run(sites, client, rtt_ms))
+            progress(f"  run {i + 1}/{runs}: " + "  ".join(
+                f"{cell.variant.key} {cell.runs[-1].ms:.1f}" for cell in series
+            ))
+    finally:
+        for client in clients:
             client.close()
-        expected = "classic" if variant.profile is None else "qkd"
-        bad = [r.mode for r in series.runs if r.mode != expected]
+    for cell in series:
+        expected = "classic" if cell.variant.profile is None else "qkd"
+        bad = [r.mode for r in cell.runs if r.mode != expected]
         if bad:
-            raise RuntimeError(f"{variant.label}: expected mode {expected}, got {bad}")
-        progress(
-            f"  {variant.label:<42} mean {series.stat('mean'):7.2f} ms  median {series.stat('median'):7.2f}  "
-            f"min {series.stat('min'):7.2f}  max {series.stat('max'):7.2f}"
-        )
-        results.append(series)
-    return results
+            raise RuntimeError(f"{cell.variant.label}: expected mode {expected}, got {bad}")
+        stats = "  ".join(f"{name} {cell.stat(name):7.2f}" for name in ("mean", "median", "min", "max"))
+        progress(f"  {cell.variant.label:<42} {stats} ms")
+    return series
 
 
 # --- report -------------------------------------------------------------------------------------------------
@@ -518,11 +538,12 @@ def markdown_table(results: Sequence[Series], runs: int, store: str) -> str:
         "request/answer), KME requests included; ms. Ratio: mean / mean of TLS 1.3 (Python ssl) at the "
         "same RTT. SAE/KME link: relay chunks (flights) per handshake between the sites; KME req/conn: "
         "requests and new connections of both SAEs to their KMEs per handshake; dec_keys: time the server "
-        "SAE waited for its KME's key during the handshake.",
+        "SAE waited for its KME's key during the handshake; messages: estimate comparable to the paper's 29 "
+        "(relay chunks + TCP handshakes + local KME exchanges, see `Run.messages_estimate`).",
         "",
         "| RTT (measured) | variant | min | mean | median | max | ratio | SAE link | KME link "
-        "| KME req/conn | dec_keys |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KME req/conn | dec_keys | messages |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     baseline = {s.rtt_ms: s.stat("mean") for s in results if s.variant.key == "tls13"}
     for s in results:
@@ -535,7 +556,7 @@ def markdown_table(results: Sequence[Series], runs: int, store: str) -> str:
             f"{doc['mean']:.2f} | {doc['median']:.2f} | {doc['max']:.2f} | {ratio:.2f}x | "
             f"{doc['sae_link_chunks']:.1f} ({doc['sae_link_flights']:.1f}) | "
             f"{doc['kme_link_chunks']:.1f} ({doc['kme_link_flights']:.1f}) | "
-            f"{requests:.1f}/{conns:.1f} | {doc['server_dec_keys_ms']:.2f} |"
+            f"{requests:.1f}/{conns:.1f} | {doc['server_dec_keys_ms']:.2f} | {doc['messages_estimate']:.0f} |"
         )
     lines += [
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -66,10 +67,17 @@ class KmeMetrics:
         self.imported_bytes = Gauge(
             "qkdtls_kme_imported_bytes", "Key bytes imported per link", ("peer_kme",), registry=r
         )
+        # labels() validates and locks on every call; a KME has a handful of (route, method, status).
+        self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.latency.labels(route, method).observe(seconds)
-        self.responses.labels(route, str(status)).inc()
+        children = self._per_request.get((route, method, status))
+        if children is None:
+            children = (self.latency.labels(route, method), self.responses.labels(route, str(status)))
+            if len(self._per_request) < 4096:  # bounded: routes are fixed, but methods come from clients
+                self._per_request[(route, method, status)] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
     def update_links(self, reports: Sequence[LinkReport]) -> None:
         for rep in reports:

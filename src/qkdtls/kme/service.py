@@ -244,17 +244,18 @@ class KmeService:
             keys = [Key(key_ID=k.key_id, key=k.data) for k in stored]
         else:
             keys = await self._enc_cross(caller_sae, slaves, link, number, size, bpk)
-        log.info(
-            "keys delivered to master",
-            extra={
-                "event": "key.delivered",
-                "link": link,
-                "master_SAE_ID": caller_sae,
-                "slave_SAE_IDs": list(slaves),
-                "size": size,
-                "key_IDs": [k.key_ID for k in keys],
-            },
-        )
+        if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
+            log.info(
+                "keys delivered to master",
+                extra={
+                    "event": "key.delivered",
+                    "link": link,
+                    "master_SAE_ID": caller_sae,
+                    "slave_SAE_IDs": list(slaves),
+                    "size": size,
+                    "key_IDs": [k.key_ID for k in keys],
+                },
+            )
         return KeyContainer(keys=tuple(keys))
 
     async def _enc_cross(
@@ -359,15 +360,16 @@ class KmeService:
             raise BadRequestError(MSG_KEYS_NOT_FOUND) from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
-        log.info(
-            "keys collected by slave",
-            extra={
-                "event": "key.collected",
-                "master_SAE_ID": master.sae_id,
-                "slave_SAE_ID": caller_sae,
-                "key_IDs": ids,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
+            log.info(
+                "keys collected by slave",
+                extra={
+                    "event": "key.collected",
+                    "master_SAE_ID": master.sae_id,
+                    "slave_SAE_ID": caller_sae,
+                    "key_IDs": ids,
+                },
+            )
         return KeyContainer(keys=tuple(Key(key_ID=k.key_id, key=k.data) for k in stored))
 
     def sae_info(self, caller_sae: int) -> SaeInfo:
@@ -419,17 +421,18 @@ class KmeService:
             raise BlocksTakenError("one or more blocks of the reservation are not available") from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
-        log.info(
-            "keys reserved for slaves",
-            extra={
-                "event": "key.reserved",
-                "link": link,
-                "master_SAE_ID": r.master_SAE_ID,
-                "slave_SAE_IDs": list(r.slave_SAE_IDs),
-                "size": r.size,
-                "key_IDs": [k.key_ID for k in r.keys],
-            },
-        )
+        if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
+            log.info(
+                "keys reserved for slaves",
+                extra={
+                    "event": "key.reserved",
+                    "link": link,
+                    "master_SAE_ID": r.master_SAE_ID,
+                    "slave_SAE_IDs": list(r.slave_SAE_IDs),
+                    "size": r.size,
+                    "key_IDs": [k.key_ID for k in r.keys],
+                },
+            )
 
     # -- housekeeping ---------------------------------------------------------------------------------------
 

@@ -321,7 +321,7 @@ class _TLSProtocol(asyncio.Protocol):
                 self._established(event.info)
             elif isinstance(event, ApplicationData):
                 self._bytes_since_rekey += len(event.data)
-                self._to_app(("data", event.data))
+                self._to_app(("data", bytes(event.data)))  # asyncio protocols are given bytes
             elif isinstance(event, ConnectionClosed):
                 self._to_app(("eof", None))
             elif isinstance(event, QkdRekeyed):

@@ -20,6 +20,7 @@ from qkdtls.net.errors import (
 )
 from qkdtls.net.handoff import ClassicSession
 from qkdtls.tls.alerts import AlertDescription, AlertLevel, PeerAlert, TLSAlert, TLSError, encode_alert
+from qkdtls.tls.client import TLSClient
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
@@ -33,10 +34,11 @@ from qkdtls.tls.events import (
 class SansIOConnection(Protocol):
     """What TLSClient and TLSServer offer (docs/design.md)."""
 
-    def receive_data(self, data: bytes) -> None: ...
+    def receive_data(self, data: bytes | memoryview) -> None: ...
     def next_event(self) -> Event | None: ...
     def data_to_send(self) -> bytes: ...
-    def send_data(self, data: bytes) -> None: ...
+    def data_to_send_buffers(self) -> list[bytes | bytearray]: ...
+    def send_data(self, data: bytes | memoryview) -> None: ...
     def close(self) -> None: ...
 
 
@@ -67,7 +69,7 @@ class Session:
 
     # -- bytes in -----------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Feed bytes from the peer (``b""``: EOF). Raises a :class:`QKDError` once the alert is queued."""
         if self.failed is not None:
             raise self.failed
@@ -99,6 +101,9 @@ class Session:
             event = self.conn.next_event()
             if event is None:
                 return
+            if type(event) is ApplicationData:  # the bulk case, checked first
+                self._events.append(event)
+                continue
             if isinstance(event, HandOff):
                 self._hand_off(event.initial_data)
                 return
@@ -176,13 +181,26 @@ class Session:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def take_events(self) -> list[Event]:
+        """Every pending event, in order (one call instead of one per record)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
     def data_to_send(self) -> bytes:
         if self._classic is not None:
             return self._classic.data_to_send()
         out, self._alert_out = self.conn.data_to_send() + self._alert_out, b""
         return out
 
-    def send_data(self, data: bytes) -> None:
+    def data_to_send_buffers(self) -> list[bytes | bytearray]:
+        """:meth:`data_to_send` as separate buffers (our engine seals bulk data record by record)."""
+        if self._classic is not None or self._alert_out:
+            out = self.data_to_send()
+            return [out] if out else []
+        return self.conn.data_to_send_buffers()  # type: ignore[no-any-return]
+
+    def send_data(self, data: bytes | memoryview) -> None:
         """Queue application data; :class:`QKDConnectionError` if the connection can no longer send."""
         if self.failed is not None:
             raise self.failed
@@ -231,8 +249,7 @@ class Session:
         info = self.info
         if self._classic is not None or info is None or info.mode != "qkd" or info.profile != "secure":
             return False
-        # The client engine keeps the negotiation result privately; read it without changing it.
-        return bool(getattr(self.conn, "_rekey_negotiated", False))
+        return isinstance(self.conn, TLSClient) and self.conn.rekey_negotiated
 
     def start(self) -> None:
         """Client: queue the ClientHello."""

@@ -48,6 +48,8 @@ _READ_SIZE = 256 * 1024
 _HANDSHAKE_READ_SIZE = 64 * 1024
 # sendall() hands the engine this much at a time, so a huge buffer is never doubled in memory.
 _SEND_CHUNK = 16 * 16384
+# Buffers per sendmsg call, well below the kernel's IOV_MAX (1024).
+_IOV_MAX = 512
 # close()/unwrap() never wait longer than this for the socket to accept the close_notify or the peer's answer.
 _CLOSE_TIMEOUT = 2.0
 
@@ -56,6 +58,18 @@ def set_nodelay(sock: socket.socket) -> None:
     """TLS flights are small and latency-bound: never let Nagle hold them back."""
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_buffers(sock: socket.socket, buffers: list[bytes | bytearray]) -> None:
+    """``sendall`` of the buffers' concatenation without concatenating them: scatter/gather writes."""
+    views = [memoryview(b) for b in buffers if b]
+    # Bounded: every pass sends at least one byte (or raises, e.g. on the socket's timeout).
+    while views:
+        sent = sock.sendmsg(views[:_IOV_MAX])
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def handle_handshake_event(event: Event, session: Session, context: QKDContext) -> None:
@@ -86,7 +100,7 @@ class QKDSocket:
         self._session: Session | None = None
         self._peer: tuple[str | None, int | None] = (None, None)
         self._offered_key_id: str | None = None
-        self._plain: deque[bytes] = deque()
+        self._plain: deque[bytes | bytearray] = deque()
         self._plain_offset = 0
         self._rview: memoryview | None = None  # read buffer, allocated on the first read after the handshake
         self._eof = False
@@ -326,9 +340,9 @@ class QKDSocket:
             return
         with self._write_lock:
             with self._lock:
-                out = session.data_to_send()
+                out = session.data_to_send_buffers()
             if out:
-                self._sock.sendall(out)
+                send_buffers(self._sock, out)
 
     def _established(self) -> Session:
         if self._closed:
@@ -363,20 +377,23 @@ class QKDSocket:
             n = self._sock.recv_into(self._rview)
             data = self._rview[:n]
         self._feed(data)
+        # Bounded: answering an event (a rekey key) may release records that were waiting for it, but each
+        # round consumes buffered input, which only a socket read refills.
         while True:
             with self._lock:
-                event = session.next_event()
-            if event is None:
+                events = session.take_events()
+            if not events:
                 break
-            if isinstance(event, ApplicationData):
-                self._plain.append(event.data)
-                self._bytes_since_rekey += len(event.data)
-            elif isinstance(event, ConnectionClosed):
-                self._eof = True
-                if event.alert is not None:
-                    raise QKDConnectionError(f"peer closed with alert {event.alert}", event.alert)
-            else:
-                self._after_event(event)
+            for event in events:
+                if type(event) is ApplicationData:
+                    self._plain.append(event.data)
+                    self._bytes_since_rekey += len(event.data)
+                elif isinstance(event, ConnectionClosed):
+                    self._eof = True
+                    if event.alert is not None:
+                        raise QKDConnectionError(f"peer closed with alert {event.alert}", event.alert)
+                else:
+                    self._after_event(event)
         self._flush()
         if not data:
             self._eof = True
@@ -395,7 +412,7 @@ class QKDSocket:
         # A record not complete yet: take what has arrived of it (never more than the record).
         return self._sock.recv(end or len(peeked))
 
-    def _take(self, limit: int) -> bytes:
+    def _take(self, limit: int) -> bytes | bytearray:
         first = self._plain[0]
         start = self._plain_offset
         if start == 0 and len(first) <= limit:
@@ -421,7 +438,7 @@ class QKDSocket:
                 self._read_more()
             data = self._take(bufsize)
         self._maybe_rekey()
-        return data
+        return bytes(data) if type(data) is not bytes else data  # as ssl.SSLSocket.recv
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if flags:
@@ -455,9 +472,9 @@ class QKDSocket:
             piece = view[start : start + _SEND_CHUNK]
             with self._write_lock:
                 with self._lock:
-                    session.send_data(bytes(piece))
-                    out = session.data_to_send()
-                self._sock.sendall(out)
+                    session.send_data(piece)  # sealed at once: the caller's buffer is not kept
+                    out = session.data_to_send_buffers()
+                send_buffers(self._sock, out)
             self._bytes_since_rekey += len(piece)
             self._maybe_rekey()
 

@@ -93,6 +93,7 @@ from .records import (
     TLS10,
     AeadProtection,
     HandshakeBuffer,
+    Outgoing,
     PlaintextProtection,
     RecordLayer,
     encode_handshake,
@@ -186,7 +187,7 @@ class TLSClient:
         self._records = RecordLayer()
         self._handshake = HandshakeBuffer()
         self._events: deque[Event] = deque()
-        self._outgoing = bytearray()
+        self._outgoing = Outgoing()
         self._transcript = Transcript()
         self._random = os.urandom(32)
         self._session_id = os.urandom(32)   # middlebox compatibility mode (§D.4)
@@ -231,6 +232,11 @@ class TLSClient:
 
     # -- public API -------------------------------------------------------------------------------------
 
+    @property
+    def rekey_negotiated(self) -> bool:
+        """The server accepted in-connection QKD rekeying (0xFEA8) in its EncryptedExtensions."""
+        return self._rekey_negotiated
+
     def initiate(self) -> None:
         """Queue the ClientHello."""
         if self.state is not ClientState.START:
@@ -264,15 +270,17 @@ class TLSClient:
         return self._events.popleft() if self._events else None
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._outgoing)
-        self._outgoing.clear()
-        return out
+        return self._outgoing.take_joined()
 
-    def send_data(self, data: bytes) -> None:
+    def data_to_send_buffers(self) -> list[bytes | bytearray]:
+        """What :meth:`data_to_send` would return, as the separate buffers it was sealed in (no copy)."""
+        return self._outgoing.take()
+
+    def send_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.state is not ClientState.CONNECTED or self._close_sent:
             raise InvalidState("application data before the handshake completed or after close")
         if data:
-            self._outgoing += self._records.seal(APPLICATION_DATA, bytes(data))
+            self._outgoing.extend(self._records.seal_each(APPLICATION_DATA, data))
 
     def close(self) -> None:
         """Queue close_notify (once)."""
@@ -437,25 +445,33 @@ class TLSClient:
     # -- receiving --------------------------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
-        self._records.feed(data)
+        with self._records.borrowing(data):
+            self._process_records()
+
+    def _process_records(self) -> None:
         # Bounded: each pass consumes one whole record or returns.
         while self.state not in (ClientState.CLOSED, ClientState.FAILED) and not self._peer_closed:
+            if self.state is ClientState.CONNECTED and not self._handshake.pending:
+                # The bulk path: a run of application-data records in one call.
+                for plaintext in self._records.application_data_run():
+                    if plaintext:
+                        self._events.append(ApplicationData(plaintext))
             record = self._records.next_record()
             if record is None:
                 return
             content_type, payload = record
-            if content_type == HANDSHAKE:
-                self._handshake.add(payload)
-                self._drain_handshake()
-            elif content_type == ALERT:
-                self._require_no_partial_handshake()
-                self._on_alert(payload)
-            elif content_type == APPLICATION_DATA:
+            if content_type == APPLICATION_DATA:
                 self._require_no_partial_handshake()
                 if self.state is not ClientState.CONNECTED:
                     raise UnexpectedMessage("application data before the handshake completed")
                 if payload:
                     self._events.append(ApplicationData(payload))
+            elif content_type == HANDSHAKE:
+                self._handshake.add(payload)
+                self._drain_handshake()
+            elif content_type == ALERT:
+                self._require_no_partial_handshake()
+                self._on_alert(payload)
             else:
                 raise UnexpectedMessage(f"unexpected content type {content_type}")
 

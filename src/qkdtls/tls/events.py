@@ -32,7 +32,8 @@ class HandshakeComplete(Event):
 
 @dataclass(frozen=True)
 class ApplicationData(Event):
-    data: bytes
+    # A bytearray when it was decrypted in place (the record layer's bulk path): the receiver owns it.
+    data: bytes | bytearray
 
     def __repr__(self) -> str:
         return f"ApplicationData(<{len(self.data)} bytes>)"

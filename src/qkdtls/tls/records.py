@@ -6,10 +6,10 @@ protected body ≤ 2^14 + 256 and its inner plaintext ≤ 2^14 + 1 (record_overf
 and misplaced change_cipher_spec records are unexpected_message; zero-length handshake and alert records
 are rejected (§5.1, §5.4).
 
-Bulk data is the hot path, so copies are counted: a batch of AEAD records is sealed into one buffer allocated
-at its final size (no concatenation, and no second large allocation, which on this kind of machine costs
-page faults worth more than the encryption), and received bytes are parsed in place (:meth:`RecordLayer.
-borrowing`): only an incomplete record at the end of a read is copied.
+Bulk data is the hot path, so copies and large allocations are counted: each AEAD record is sealed straight
+into its own buffer and queued as it is (:class:`Outgoing`; adapters write the buffers with one scatter/gather
+call), and received bytes are parsed in place (:meth:`RecordLayer.borrowing`): only an incomplete record at
+the end of a read is copied, and plaintext is decrypted into a buffer the receiver then owns.
 """
 
 from __future__ import annotations
@@ -114,33 +114,31 @@ class AeadProtection:
     def seal(self, content_type: int, data: Bytes) -> bytes:
         if len(data) > MAX_PLAINTEXT:
             raise InternalError("record plaintext longer than 2^14")
-        return bytes(self.seal_records(content_type, data))
+        return bytes(self.seal_records(content_type, data)[0])
 
-    def seal_records(self, content_type: int, data: Bytes) -> bytearray:
-        """Records carrying ``data`` (fragmented to 2^14 bytes), sealed straight into one buffer."""
+    def seal_records(self, content_type: int, data: Bytes) -> list[bytearray]:
+        """Records carrying ``data`` (fragmented to 2^14 bytes), each sealed straight into its own buffer."""
         view = memoryview(data).cast("B")
         size = len(view)
-        count = max(1, -(-size // MAX_PLAINTEXT))
-        out = bytearray(size + count * _RECORD_OVERHEAD)
-        out_view = memoryview(out)
         # The inner plaintext (content, then its type) is assembled in a scratch buffer so that encrypt_into
         # never reads and writes the same memory.
         scratch = bytearray(min(size, MAX_PLAINTEXT) + 1)
         scratch_view = memoryview(scratch)
         encrypt_into = self._aead.encrypt_into
-        position = 0
+        records = []
         for start in range(0, max(size, 1), MAX_PLAINTEXT):
             piece = view[start : start + MAX_PLAINTEXT]
             length = len(piece)
             header = _APPLICATION_DATA_TLS12 + (length + 1 + _TAG_LENGTH).to_bytes(2, "big")
             scratch_view[:length] = piece
             scratch[length] = content_type
-            body = position + HEADER_LENGTH
-            out_view[position:body] = header
-            end = body + length + 1 + _TAG_LENGTH
-            encrypt_into(self._next_nonce(), scratch_view[: length + 1], header, out_view[body:end])
-            position = end
-        return out
+            record = bytearray(length + _RECORD_OVERHEAD)
+            record[:HEADER_LENGTH] = header
+            encrypt_into(
+                self._next_nonce(), scratch_view[: length + 1], header, memoryview(record)[HEADER_LENGTH:]
+            )
+            records.append(record)
+        return records
 
     def open(self, outer_type: int, version: int, body: Bytes) -> tuple[int, bytes | bytearray]:
         if outer_type != APPLICATION_DATA:
@@ -149,15 +147,19 @@ class AeadProtection:
             raise RecordOverflow("protected record longer than 2^14 + 256")
         if len(body) < 17:
             raise BadRecordMac("protected record too short")
-        header = record_header(outer_type, version, len(body))
+        return self.open_record(record_header(outer_type, version, len(body)), body)
+
+    def open_record(self, header: Bytes, body: Bytes) -> tuple[int, bytes | bytearray]:
+        """:meth:`open` given the record's 5-byte header as received (it is the AEAD's additional data);
+        the caller has checked that the body is 17 to 2^14 + 256 bytes long."""
         inner = bytearray(len(body) - _TAG_LENGTH)
         try:
             self._aead.decrypt_into(self._next_nonce(), body, header, inner)
         except InvalidTag:
             raise BadRecordMac("record authentication failed") from None
-        if inner[-1]:
+        content_type = inner[-1]
+        if content_type:
             # No padding (what every peer we know sends): drop the type byte in place, no copy.
-            content_type = inner[-1]
             del inner[-1]
             if len(inner) > MAX_PLAINTEXT:
                 raise RecordOverflow("inner plaintext longer than 2^14 + 1")
@@ -192,6 +194,8 @@ class RecordLayer:
         # Lent bytes (see borrowing) and how far they are consumed; always after _incoming in stream order.
         self._lent: memoryview = memoryview(b"")
         self._lent_at = 0
+        # A record application_data_run decrypted but did not return (not application data inside).
+        self._opened: tuple[int, bytes | bytearray] | None = None
         self.read: RecordProtection = PlaintextProtection()
         self.write: RecordProtection = PlaintextProtection()
         self.allow_ccs = False
@@ -272,8 +276,42 @@ class RecordLayer:
             raise RecordOverflow("record longer than 2^14 + 256")
         return length
 
+    def application_data_run(self) -> list[bytes | bytearray]:
+        """Plaintexts of the protected application-data records at the head of the lent bytes (bulk path).
+
+        Stops at the first record that is incomplete, not protected application data outside, or something
+        else inside; a record it decrypted but did not return is kept for :meth:`next_record`. Call it only
+        where application data is acceptable; other records and every error go the general way.
+        """
+        read = self.read
+        if self._incoming or self._opened is not None or type(read) is not AeadProtection:
+            return []
+        if self.on_record is not None:
+            return []
+        lent, at = self._lent, self._lent_at
+        available = len(lent)
+        plaintexts: list[bytes | bytearray] = []
+        # Bounded by the lent bytes: each pass consumes one whole record.
+        while available - at >= HEADER_LENGTH and lent[at] == APPLICATION_DATA:
+            length = lent[at + 3] << 8 | lent[at + 4]
+            end = at + HEADER_LENGTH + length
+            if end > available or not 17 <= length <= MAX_CIPHERTEXT:
+                break
+            self._lent_at = end
+            header, body = lent[at : at + HEADER_LENGTH], lent[at + HEADER_LENGTH : end]
+            content_type, plaintext = read.open_record(header, body)
+            at = end
+            if content_type != APPLICATION_DATA:
+                self._opened = self._checked(content_type, plaintext)
+                break
+            plaintexts.append(plaintext)
+        return plaintexts
+
     def next_record(self) -> tuple[int, bytes | bytearray] | None:
         """The next (content type, plaintext), or None until a whole record is buffered."""
+        if self._opened is not None:
+            record, self._opened = self._opened, None
+            return record
         # Bounded: every pass either returns or consumes one whole record from the buffer.
         while (frame := self._next_frame()) is not None:
             outer_type, version, lent_body = frame
@@ -306,18 +344,55 @@ class RecordLayer:
             raise UnexpectedMessage("zero-length handshake or alert record")
         return content_type, plaintext
 
-    def seal(self, content_type: int, data: Bytes) -> bytearray:
-        """Records carrying ``data``, fragmented to 2^14 bytes each."""
+    def seal(self, content_type: int, data: Bytes) -> bytes | bytearray:
+        """Records carrying ``data``, fragmented to 2^14 bytes each, in one buffer."""
+        records = self.seal_each(content_type, data)
+        return records[0] if len(records) == 1 else b"".join(records)
+
+    def seal_each(self, content_type: int, data: Bytes) -> list[bytes | bytearray]:
+        """Records carrying ``data``, each in its own buffer (for scatter/gather sending)."""
         write = self.write
         if isinstance(write, AeadProtection):
-            return write.seal_records(content_type, data)
+            return list(write.seal_records(content_type, data))
         if not data:
-            return bytearray(write.seal(content_type, b""))
+            return [write.seal(content_type, b"")]
         view = memoryview(data).cast("B")
-        out = bytearray()
-        for start in range(0, len(view), MAX_PLAINTEXT):
-            out += write.seal(content_type, bytes(view[start : start + MAX_PLAINTEXT]))
-        return out
+        return [
+            write.seal(content_type, bytes(view[start : start + MAX_PLAINTEXT]))
+            for start in range(0, len(view), MAX_PLAINTEXT)
+        ]
+
+
+class Outgoing:
+    """Bytes queued for the peer, kept in the buffers they were sealed in.
+
+    Bulk data is sealed record by record into buffers of about 16 KiB; joining them into one large buffer
+    would cost an allocation the size of the batch (page faults, on this kind of machine more than the
+    encryption). Adapters that can write several buffers at once take them as they are (:meth:`take`).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | bytearray] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._parts)
+
+    def __iadd__(self, data: Bytes) -> Outgoing:
+        if data:
+            self._parts.append(data if not isinstance(data, memoryview) else bytes(data))
+        return self
+
+    def extend(self, parts: list[bytes | bytearray]) -> None:
+        self._parts.extend(parts)
+
+    def take(self) -> list[bytes | bytearray]:
+        """Everything queued, in order; the caller owns the buffers."""
+        parts, self._parts = self._parts, []
+        return parts
+
+    def take_joined(self) -> bytes:
+        parts = self.take()
+        return b"".join(parts)
 
 
 def encode_handshake(msg_type: int, body: bytes) -> bytes:

@@ -91,6 +91,7 @@ from .records import (
     MAX_PLAINTEXT,
     AeadProtection,
     HandshakeBuffer,
+    Outgoing,
     RecordLayer,
     encode_handshake,
 )
@@ -138,7 +139,7 @@ class TLSServer:
         self._first = bytearray()
         self._records = RecordLayer()
         self._handshake = HandshakeBuffer()
-        self._out = bytearray()
+        self._out = Outgoing()
         self._events: deque[Event] = deque()
         self._offer = _Offer()
         self._client_hello: ClientHello | None = None
@@ -178,15 +179,17 @@ class TLSServer:
         return self._events.popleft() if self._events else None
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return self._out.take_joined()
 
-    def send_data(self, data: bytes) -> None:
+    def data_to_send_buffers(self) -> list[bytes | bytearray]:
+        """What :meth:`data_to_send` would return, as the separate buffers it was sealed in (no copy)."""
+        return self._out.take()
+
+    def send_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.state is not State.CONNECTED or self._close_sent:
             raise InvalidState(f"cannot send application data while {self.state.value}")
         if data:
-            self._out += self._records.seal(APPLICATION_DATA, data)
+            self._out.extend(self._records.seal_each(APPLICATION_DATA, data))
 
     def close(self) -> None:
         """Queue close_notify (once; also after the peer's own close_notify, RFC 8446 §6.1).
@@ -265,9 +268,8 @@ class TLSServer:
             return
         if self.state is State.WAIT_QKD_KEY:
             self._first += data  # a KME refusal may still hand every byte to OpenSSL
-        if data:
-            self._records.feed(data)
-        self._process_records()
+        with self._records.borrowing(data):
+            self._process_records()
 
     def _process_records(self) -> None:
         # Bounded by the buffered input: each pass consumes a record or returns.
@@ -276,6 +278,11 @@ class TLSServer:
             and self._pending_rekey is None
             and not self._peer_closed
         ):
+            if self.state is State.CONNECTED and not self._handshake.pending:
+                # The bulk path: a run of application-data records in one call.
+                for plaintext in self._records.application_data_run():
+                    if plaintext:
+                        self._events.append(ApplicationData(plaintext))
             record = self._records.next_record()
             if record is None:
                 break

@@ -111,6 +111,12 @@ class SqlKeyStore(KeyStore):
     def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         """Run ``ops`` in one transaction: (ok, result or exception) each. Raises only if COMMIT fails."""
         cur = self._cursor()
+        results = self._apply(cur, ops)
+        self._commit(cur)
+        return results
+
+    def _apply(self, cur: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """Open a transaction and run ``ops`` in it, leaving it open for :meth:`_commit`."""
         results: list[tuple[bool, Any]] = []
         total: Counter[tuple[int, str]] = Counter()
         try:
@@ -137,14 +143,24 @@ class SqlKeyStore(KeyStore):
                         ),
                         (link, name, delta),
                     )
-            cur.execute("COMMIT")
         except BaseException:
-            try:
-                cur.execute("ROLLBACK")
-            except Exception:  # the connection may be gone; the transaction dies with it
-                pass
+            self._rollback(cur)
             raise
         return results
+
+    def _commit(self, cur: Any) -> None:
+        try:
+            cur.execute("COMMIT")
+        except BaseException:
+            self._rollback(cur)
+            raise
+
+    @staticmethod
+    def _rollback(cur: Any) -> None:
+        try:
+            cur.execute("ROLLBACK")
+        except Exception:  # the connection may be gone, or the failed COMMIT already ended the transaction
+            pass
 
     async def _do(self, op: Callable[[Tx], T]) -> T:
         if self._closed:

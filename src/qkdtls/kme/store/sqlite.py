@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qkdtls.kme.store.base import Block, LinkStats, LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store.holds import VolatileHolds
 from qkdtls.kme.store.sql import SCHEMA_VERSION, Op, SqlKeyStore, Tx, _chunks, _marks
+from qkdtls.kme.store.writer import WriterThread
 
 # Free blocks read into memory per refill: one read per this many held blocks, a few KiB of key material.
 READ_AHEAD = 512
@@ -86,7 +86,7 @@ class SqliteKeyStore(SqlKeyStore):
             self.released_at_open = len(released)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open key store {path}: {exc}") from None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kme-sqlite")
+        self._writer = WriterThread("kme-sqlite")
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -117,16 +117,23 @@ class SqliteKeyStore(SqlKeyStore):
         cur.execute("BEGIN IMMEDIATE")
 
     async def _execute(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
-        ops = [op for op, _ in batch]
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run_batch, ops)
+        # The statements run here, on pages SQLite has cached (tens of microseconds); only the COMMIT and its
+        # fsync go to the writer thread. Each switch between the threads is a GIL hand-over, and a thread
+        # that waits for the GIL while the loop is busy waits up to the switch interval: one per batch is
+        # cheap, one per statement made commits slow and the loop thread spin.
+        cur = self._cursor()
+        results = self._apply(cur, [op for op, _ in batch])
+        # Not cancellable half-way: the connection must not be touched while the thread commits on it.
+        await asyncio.shield(self._writer.submit(lambda: self._commit(cur)))
+        return results
 
     async def close(self) -> None:
         if self._closed:
             return
         await self._drain()
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._conn.close)
-        self._writer.shutdown(wait=True)
+        await self._writer.call(self._conn.close)
+        self._writer.stop()
 
     # -- holds in memory (see holds.py) ---------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""The SQLite store's hot path: holds in memory with a read-ahead of free blocks, commits off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qkdtls.kme.store import LostHold, ShortStock, StoreUnavailable
+from qkdtls.kme.store import sqlite as sqlite_store
+from qkdtls.kme.store.holds import VolatileHolds
+from qkdtls.kme.store.sqlite import SqliteKeyStore
+from qkdtls.kme.store.writer import WriterThread
+
+LINK = 2
+
+
+async def feed(store: SqliteKeyStore, data: bytes, name: str) -> None:
+    await store.import_file(LINK, name, data, hashlib.sha256(data).hexdigest(), 32, local=False)
+
+
+@pytest.fixture
+async def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SqliteKeyStore:
+    monkeypatch.setattr(sqlite_store, "READ_AHEAD", 4)  # refills happen after a few holds
+    s = SqliteKeyStore(str(tmp_path / "kme.sqlite3"))
+    yield s  # type: ignore[misc]
+    await s.close()
+
+
+async def test_holds_follow_seq_order_across_refills_and_new_imports(store: SqliteKeyStore) -> None:
+    stream = os.urandom(32 * 20)
+    await feed(store, stream, "1.key")  # direction 0: seqs 0, 2, ..., 18
+    first = await store.hold_blocks(LINK, 0, 3)
+    second = await store.hold_blocks(LINK, 0, 6)  # beyond what was read ahead
+    await feed(store, os.urandom(32 * 4), "2.key")  # seqs 20..23 arrive above the frontier
+    third = await store.hold_blocks(LINK, 0, 3)
+    assert [b.seq for b in first + second + third] == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert all(b.data == stream[b.seq * 32 : (b.seq + 1) * 32] for b in first + second)
+    with pytest.raises(ShortStock):
+        await store.hold_blocks(LINK, 0, 1)
+
+
+async def test_released_blocks_are_handed_out_first_again(store: SqliteKeyStore) -> None:
+    await feed(store, os.urandom(32 * 20), "1.key")
+    a = await store.hold_blocks(LINK, 1, 2)
+    b = await store.hold_blocks(LINK, 1, 2)
+    assert await store.release_blocks(LINK, [x.seq for x in a]) == 2
+    assert await store.release_blocks(LINK, [x.seq for x in a]) == 0  # no longer held
+    assert [x.seq for x in await store.hold_blocks(LINK, 1, 3)] == [1, 3, 9]
+    await store.consume_held(LINK, [x.seq for x in b])
+    assert await store.release_blocks(LINK, [x.seq for x in b]) == 0  # consumed: gone for good
+    with pytest.raises(LostHold):
+        await store.consume_held(LINK, [x.seq for x in b])
+    assert await store.free_blocks(LINK, 1) == 10 - 2 - 3
+
+
+async def test_concurrent_holds_over_refills_are_disjoint(store: SqliteKeyStore) -> None:
+    await feed(store, os.urandom(32 * 200), "1.key")
+    results = await asyncio.gather(
+        *(store.hold_blocks(LINK, 0, 3) for _ in range(40)), return_exceptions=True
+    )
+    got = sorted(b.seq for r in results if isinstance(r, list) for b in r)
+    assert got == list(range(0, 198, 2))  # 33 holds of 3 out of 100 blocks, the oldest ones
+    assert sum(isinstance(r, ShortStock) for r in results) == 7
+
+
+async def test_holds_are_not_written_and_vanish_with_the_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "kme.sqlite3")
+    first = SqliteKeyStore(path)
+    await feed(first, os.urandom(32 * 8), "1.key")
+    held = await first.hold_blocks(LINK, 0, 3)
+    await first.consume_held(LINK, [held[0].seq])
+    await first.close()  # blocks 2 and 4 were held: a process ending forgets them
+    second = SqliteKeyStore(path)
+    try:
+        assert [b.seq for b in await second.hold_blocks(LINK, 0, 3)] == [2, 4, 6]
+        assert (await second.link_stats(LINK)).free_blocks == {0: 0, 1: 4}
+    finally:
+        await second.close()
+
+
+async def test_the_event_loop_runs_while_a_commit_waits(
+    store: SqliteKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await feed(store, os.urandom(32 * 8), "1.key")
+    held = await store.hold_blocks(LINK, 0, 2)
+    real = store._commit
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def slow_commit(cur):  # type: ignore[no-untyped-def]
+        seen.append(threading.get_ident())
+        time.sleep(0.3)  # an fsync that takes long
+        real(cur)
+
+    monkeypatch.setattr(store, "_commit", slow_commit)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        await asyncio.wait_for(store.consume_held(LINK, [b.seq for b in held]), 5)
+    finally:
+        task.cancel()
+    assert seen and loop_thread not in seen
+    assert ticks >= 10  # the loop kept running during the 0.3 s commit
+    assert await store.free_blocks(LINK, 0) == 2
+
+
+async def test_closed_store_refuses_holds_and_consumes(store: SqliteKeyStore) -> None:
+    await feed(store, os.urandom(32 * 8), "1.key")
+    held = await store.hold_blocks(LINK, 0, 1)
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.hold_blocks(LINK, 0, 1)
+    with pytest.raises(StoreUnavailable):
+        await store.consume_held(LINK, [held[0].seq])
+
+
+def test_volatile_holds_release_only_stale_ones() -> None:
+    from qkdtls.kme.store.base import Block
+
+    holds = VolatileHolds()
+    holds.add_read(LINK, 0, [Block(0, b"a"), Block(2, b"b"), Block(4, b"c")])
+    holds.add_read(LINK, 0, [Block(2, b"b")])  # read twice: ignored
+    assert holds.available(LINK, 0) == 3 and holds.frontier(LINK, 0) == 4
+    old = holds.hold(LINK, 0, 1)
+    assert old is not None and holds.hold(LINK, 0, 3) is None
+    cutoff = time.time() + 1
+    assert holds.release_older_than(cutoff, limit=10) == 1
+    assert holds.held_count(LINK, 0) == 0 and holds.available(LINK, 0) == 3
+
+
+async def test_writer_thread_reports_errors_and_finishes_queued_calls() -> None:
+    writer = WriterThread("test-writer")
+    done: list[int] = []
+    try:
+        with pytest.raises(ZeroDivisionError):
+            await writer.call(lambda: 1 // 0)
+        results = await asyncio.gather(*(writer.call(lambda i=i: done.append(i) or i) for i in range(5)))
+        assert results == list(range(5)) and done == list(range(5))
+    finally:
+        writer.stop(timeout=5)
+    assert not writer._thread.is_alive()
