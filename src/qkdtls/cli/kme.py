@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qkdtls.cli.main import UserError
+from qkdtls.cli.main import UserError, add_global_options, run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -176,22 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
     The testbed starts KMEs this way so a KME never depends on unrelated CLI modules.
     """
-    from qkdtls.logs import configure_logging
-
     parser = argparse.ArgumentParser(prog="qkdtls kme", description="Run a KME or call one over mutual TLS.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    add_global_options(parser)
     _add_actions(parser)
-    args = parser.parse_args(argv)
-    configure_logging(verbosity=args.verbose, fmt=args.log_format)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except UserError as exc:
-        print(f"qkdtls: error: {exc}", file=sys.stderr)
-        return 2
-
+    return run(parser.parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

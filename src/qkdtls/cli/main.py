@@ -21,14 +21,18 @@ COMMANDS = (
 )
 
 
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qkdtls",
         description="Quantum key distribution for ordinary network software: an ETSI GS QKD 014 KME, "
         "TLS 1.3 keyed by QKD, and the tools to run a testbed.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -36,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: logging set up, user errors printed without a traceback, exit status returned."""
     from qkdtls.logs import configure_logging
 
     configure_logging(verbosity=args.verbose, fmt=args.log_format)
