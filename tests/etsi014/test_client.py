@@ -570,6 +570,28 @@ def test_prefetch_hands_out_each_key_once_and_refills_in_batches(
         assert not {key.key_ID for _, key in prefetcher._pools[("2001", None)]} & set(taken)
 
 
+def test_prefetch_refills_only_once_half_empty_then_up_to_full(
+    layout: pki.PkiLayout, kme: ScriptedKme
+) -> None:
+    with KmeClient(_settings(layout, kme.url, prefetch=6)) as client:
+        prefetcher = client._prefetcher
+        assert prefetcher is not None
+        client.get_key(PEER_SAE)  # opens the pool (one direct request)
+        _wait_for(lambda: prefetcher.available("2001") == 6)
+
+        def enc_requests() -> int:
+            return sum(1 for _, p, _ in kme.requests if p == ENC)
+
+        before = enc_requests()
+        client.get_key(PEER_SAE)
+        client.get_key(PEER_SAE)
+        time.sleep(0.2)  # a refill, if one were started, would have reached the KME by now
+        assert enc_requests() == before and prefetcher.available("2001") == 4
+        client.get_key(PEER_SAE)  # down to half: one batch tops the pool up again
+        _wait_for(lambda: prefetcher.available("2001") == 6)
+        assert enc_requests() == before + 1
+
+
 def test_prefetched_keys_expire_unused(layout: pki.PkiLayout, kme: ScriptedKme) -> None:
     with KmeClient(_settings(layout, kme.url, prefetch=2, prefetch_max_age=0.2)) as client:
         prefetcher = client._prefetcher

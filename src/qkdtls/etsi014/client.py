@@ -19,6 +19,7 @@ import functools
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -123,13 +124,16 @@ class KmeClientSettings:
 class _Watchdog:
     """Shuts down the socket of any request that passes its deadline, waking the blocked reader.
 
-    One per process, shared by all clients: its thread sleeps until the earliest armed deadline.
+    One per process, shared by all clients: its thread sleeps until the earliest armed deadline. Arming wakes
+    the thread only when the new deadline is earlier than its planned wake-up: with requests of equal timeout
+    that is about once per timeout, not once per request (a thread switch on every KME request's path).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._armed: dict[_Connection, float] = {}
         self._thread: threading.Thread | None = None
+        self._wake_at = math.inf  # when the thread next looks at the deadlines on its own
 
     def arm(self, conn: _Connection) -> None:
         with self._cond:
@@ -137,9 +141,9 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, name="kme-client-watchdog", daemon=True)
                 self._thread.start()
             conn.fired = False
-            was_idle = not self._armed
             self._armed[conn] = conn.deadline
-            if was_idle:
+            if conn.deadline < self._wake_at:
+                self._wake_at = conn.deadline
                 self._cond.notify()
 
     def disarm(self, conn: _Connection) -> bool:
@@ -153,21 +157,19 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._armed = {}
         self._thread = None
+        self._wake_at = math.inf
 
     def _run(self) -> None:
         with self._cond:
             while True:
-                if not self._armed:
-                    self._cond.wait()
-                    continue
                 now = time.monotonic()
                 for conn, deadline in list(self._armed.items()):
                     if deadline <= now:
                         del self._armed[conn]
                         conn.fired = True
                         conn.abort()
-                if self._armed:
-                    self._cond.wait(max(0.0, min(self._armed.values()) - now))
+                self._wake_at = min(self._armed.values(), default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else max(0.0, self._wake_at - now))
 
 
 _WATCHDOG = _Watchdog()
@@ -198,6 +200,17 @@ class _Connection(http.client.HTTPSConnection):
         self.opened += 1
         self._watchdog.arm(self)
         self.sock = self._context_ref.wrap_socket(self.sock, server_hostname=self.host)
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        # http.client writes the head and a bytes body with two send() calls: two TLS records, two wake-ups
+        # of the KME for one request. Every body here is small bytes: send it with the head.
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))  # type: ignore[attr-defined]
+            message = b"\r\n".join(self._buffer)  # type: ignore[attr-defined]
+            del self._buffer[:]  # type: ignore[attr-defined]
+            self.send(message)
+            return
+        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
 
     def abort(self) -> None:
         if self._wake is not None:
@@ -580,7 +593,12 @@ class KmeClient:
 
 
 class _Prefetcher:
-    """Keeps up to ``prefetch`` keys ready per (target SAE, size); a background thread refills in batches."""
+    """Keeps up to ``prefetch`` keys ready per (target SAE, size); a background thread refills in batches.
+
+    A pool is refilled once it is down to half its depth, and then up to full: a refill after every key taken
+    would put a KME request (and the KME-to-KME reservation behind it) on the machine during nearly every
+    handshake, while batches of half the depth cost one request per ``prefetch / 2`` handshakes.
+    """
 
     def __init__(self, client: KmeClient) -> None:
         self._client = client
@@ -590,6 +608,8 @@ class _Prefetcher:
         self._pools: dict[tuple[str, int | None], collections.deque[tuple[float, Key]]] = {}
         self._batch: dict[tuple[str, int | None], int] = {}
         self._retry_at: dict[tuple[str, int | None], float] = {}
+        self._low = self._depth // 2  # refill at or below this many keys ...
+        self._filling: set[tuple[str, int | None]] = set()  # ... until full again
         self._backoff: dict[tuple[str, int | None], float] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kme-client-prefetch", daemon=True)
@@ -603,7 +623,8 @@ class _Prefetcher:
             while pool and pool[0][0] < oldest_allowed:
                 pool.popleft()
             key = pool.popleft()[1] if pool else None
-            self._cond.notify()
+            if len(pool) <= self._low:
+                self._cond.notify()  # only then: waking the refill thread on every take costs the caller
             return key
 
     def available(self, target: str, size: int | None = None) -> int:
@@ -621,8 +642,12 @@ class _Prefetcher:
         """Under the lock: a pool that needs keys and may be retried now, with how many to ask for."""
         now = time.monotonic()
         for pool_id, pool in self._pools.items():
+            if len(pool) <= self._low:
+                self._filling.add(pool_id)
             missing = self._depth - len(pool)
-            if missing > 0 and self._retry_at.get(pool_id, 0.0) <= now:
+            if missing <= 0:
+                self._filling.discard(pool_id)
+            elif pool_id in self._filling and self._retry_at.get(pool_id, 0.0) <= now:
                 return pool_id, min(missing, self._batch.get(pool_id, self._depth))
         return None
 

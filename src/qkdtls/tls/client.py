@@ -825,6 +825,10 @@ class TLSClient:
 
 
 def _is_ip_address(name: str) -> bool:
+    # A host name ends in a letter (its top-level label); only that common case skips the parser's
+    # exception path, which costs more than the rest of building the extension.
+    if ":" not in name and name[-1:].isalpha():
+        return False
     try:
         ipaddress.ip_address(name)
     except ValueError:
