@@ -1,11 +1,10 @@
-"""The SQLite store's hot path: holds in memory with a read-ahead of free blocks, commits off the loop."""
+"""The SQLite store's hot path: holds in memory with a read-ahead of free blocks, no commit to hold."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from qkdtls.kme.store import LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store import sqlite as sqlite_store
 from qkdtls.kme.store.holds import VolatileHolds
 from qkdtls.kme.store.sqlite import SqliteKeyStore
-from qkdtls.kme.store.writer import WriterThread
 
 LINK = 2
 
@@ -84,37 +82,25 @@ async def test_holds_are_not_written_and_vanish_with_the_process(tmp_path: Path)
         await second.close()
 
 
-async def test_the_event_loop_runs_while_a_commit_waits(
+async def test_holding_and_releasing_run_no_transaction(
     store: SqliteKeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await feed(store, os.urandom(32 * 8), "1.key")
+    await feed(store, os.urandom(32 * 8), "1.key")  # 4 blocks per direction: fits one read-ahead
+    await store.hold_blocks(LINK, 0, 1)  # the first hold reads ahead
+    batches: list[int] = []
+    real = store._run_batch
+
+    def counting(ops):  # type: ignore[no-untyped-def]
+        batches.append(len(ops))
+        return real(ops)
+
+    monkeypatch.setattr(store, "_run_batch", counting)
     held = await store.hold_blocks(LINK, 0, 2)
-    real = store._commit
-    loop_thread = threading.get_ident()
-    seen: list[int] = []
-
-    def slow_commit(cur):  # type: ignore[no-untyped-def]
-        seen.append(threading.get_ident())
-        time.sleep(0.3)  # an fsync that takes long
-        real(cur)
-
-    monkeypatch.setattr(store, "_commit", slow_commit)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(ticker())
-    try:
-        await asyncio.wait_for(store.consume_held(LINK, [b.seq for b in held]), 5)
-    finally:
-        task.cancel()
-    assert seen and loop_thread not in seen
-    assert ticks >= 10  # the loop kept running during the 0.3 s commit
-    assert await store.free_blocks(LINK, 0) == 2
+    assert await store.release_blocks(LINK, [b.seq for b in held]) == 2
+    held = await store.hold_blocks(LINK, 0, 3)
+    assert batches == []  # no transaction, so no fsync, for volatile holds
+    await store.consume_held(LINK, [b.seq for b in held])
+    assert batches == [1]  # consuming is durable: one transaction
 
 
 async def test_closed_store_refuses_holds_and_consumes(store: SqliteKeyStore) -> None:
@@ -141,14 +127,34 @@ def test_volatile_holds_release_only_stale_ones() -> None:
     assert holds.held_count(LINK, 0) == 0 and holds.available(LINK, 0) == 3
 
 
-async def test_writer_thread_reports_errors_and_finishes_queued_calls() -> None:
-    writer = WriterThread("test-writer")
-    done: list[int] = []
-    try:
-        with pytest.raises(ZeroDivisionError):
-            await writer.call(lambda: 1 // 0)
-        results = await asyncio.gather(*(writer.call(lambda i=i: done.append(i) or i) for i in range(5)))
-        assert results == list(range(5)) and done == list(range(5))
-    finally:
-        writer.stop(timeout=5)
-    assert not writer._thread.is_alive()
+def test_client_certificate_is_read_once_per_connection(tmp_path: Path) -> None:
+    import ssl
+    from types import SimpleNamespace
+
+    from qkdtls.kme import auth
+    from qkdtls.pki import create_ca, issue_client_cert
+
+    class Connection:  # stands for the SSL object of one kept-alive connection
+        def __init__(self, der: bytes | None) -> None:
+            self.der, self.reads = der, 0
+
+        def getpeercert(self, binary_form: bool) -> bytes | None:
+            self.reads += 1
+            return self.der
+
+    def request(conn: Connection) -> object:
+        transport = SimpleNamespace(get_extra_info=lambda name: conn if name == "ssl_object" else None)
+        return SimpleNamespace(transport=transport)
+
+    ca = create_ca(tmp_path, "test CA")
+    issued = issue_client_cert(ca.cert, ca.key, tmp_path, "SAE 1001", serial=1001)
+    der = ssl.PEM_cert_to_DER_cert(issued.cert.read_text())
+    with_cert, without = Connection(der), Connection(None)
+    first = auth.peer_certificate(request(with_cert))  # type: ignore[arg-type]
+    assert first is not None and first.serial == 1001
+    assert auth.peer_certificate(request(with_cert)) is first  # type: ignore[arg-type]
+    assert auth.peer_certificate(request(without)) is None  # type: ignore[arg-type]
+    assert auth.peer_certificate(request(without)) is None  # type: ignore[arg-type]
+    assert with_cert.reads == 1 and without.reads == 1
+    ctx = auth.server_context(issued.cert, issued.key, [ca.cert], require_client_cert=True)
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION  # the cached identity of a connection cannot change

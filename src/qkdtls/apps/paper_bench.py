@@ -20,6 +20,9 @@ Variants:
   the KMEs) and the inter-KME connections dropped before each run, as the paper's setup did.
 * ``{secure,reference}-warm``: kept-alive KME connections on both SAEs and inter-KME, and client-side key
   prefetch (the key is fetched before the connection; the server still collects it during the handshake).
+* ``secure-announce``: as ``secure-warm``, and the server accepts key announcements (0xFEA9): the client
+  names the keys of its next connections after a handshake, the server collects them in the background,
+  so a handshake waits for no KME on either side (docs/tls-qkd.md §4).
 
 Counts per handshake come from the relay (chunks and flights on the SAE link and on the inter-KME link)
 and from the KME clients (requests and new connections, both SAEs). A chunk is one ``recv()``; TCP
@@ -58,6 +61,7 @@ SERVER_NAME = "localhost"
 REQUEST, RESPONSE = b"ping\n", b"pong\n"
 IO_TIMEOUT = 10.0
 PREFETCH = 4
+ANNOUNCE_PREFETCH = 8  # the announce variant keeps PREFETCH keys announced, topped up from a pool twice that
 PAPER = {"tls13": (17.0, 21.5, 28.0), "tls-qkd": (25.0, 38.2, 66.0)}  # min, mean, max in ms at ~1 ms RTT
 
 
@@ -69,6 +73,7 @@ class Variant:
     profile: str | None = None  # None: classic
     warm: bool = True
     engine: str = "qkdtls"  # "ssl": Python ssl client
+    announce: bool = False  # the client announces keys; the route leads to a server that accepts them
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -76,6 +81,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("tls13-engine", "TLS 1.3 (qkdtls client, qkd=off)", "sae_qkd"),
     Variant("secure-cold", "TLS-QKD secure, cold", "sae_qkd_cold", "secure", warm=False),
     Variant("secure-warm", "TLS-QKD secure, kept-alive + prefetch", "sae_qkd", "secure"),
+    Variant(
+        "secure-announce", "TLS-QKD secure, kept-alive + prefetch + announce", "sae_qkd_announce", "secure",
+        announce=True,
+    ),
     Variant("reference-cold", "TLS-QKD reference, cold", "sae_qkd_cold", "reference", warm=False),
     Variant("reference-warm", "TLS-QKD reference, kept-alive + prefetch", "sae_qkd", "reference"),
 )
@@ -224,12 +233,13 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 
     settings = _kme_settings(args.kme_url, args.kme_cert, args.kme_key, args.kme_ca)
 
-    def qkd_context() -> Any:
+    def qkd_context(announce: bool = False) -> Any:
         return QKDContext("server", kme=settings, qkd="preferred", profiles=("secure", "reference"),
-                          certfile=args.cert, keyfile=args.key)
+                          certfile=args.cert, keyfile=args.key, accept_key_announcements=announce)
 
     counters = _KmeCounters()
     warm = counters.track(qkd_context())
+    announcing = counters.track(qkd_context(announce=True))
     classic = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     classic.minimum_version = ssl.TLSVersion.TLSv1_3
     classic.load_cert_chain(args.cert, args.key)
@@ -249,6 +259,8 @@ def server_main(argv: Sequence[str] | None = None) -> int:
                 ctx = classic
             elif kind == "qkd":
                 ctx = warm
+            elif kind == "qkd_announce":
+                ctx = announcing
             else:  # a context (and so a KME client) used for this connection only
                 ctx = spare.pop() if spare else counters.track(qkd_context())
             stream = ctx.wrap_socket(raw, server_side=True)
@@ -276,7 +288,8 @@ def server_main(argv: Sequence[str] | None = None) -> int:
                 return
             threading.Thread(target=handle, args=(kind, raw), daemon=True).start()
 
-    listeners = {kind: socket.create_server((LOOPBACK, 0)) for kind in ("echo", "tls", "qkd", "qkd_cold")}
+    kinds = ("echo", "tls", "qkd", "qkd_announce", "qkd_cold")
+    listeners = {kind: socket.create_server((LOOPBACK, 0)) for kind in kinds}
     threads = [threading.Thread(target=accept_loop, args=item, daemon=True) for item in listeners.items()]
     for thread in threads:
         thread.start()
@@ -291,7 +304,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         thread.join(2)
     for listener in listeners.values():
         listener.close()
-    for ctx in [warm, *spare]:
+    for ctx in [warm, announcing, *spare]:
         ctx.close()
     return 0
 
@@ -371,7 +384,7 @@ def two_sites(root: Path, store: str = "sqlite", key_bytes: int = 1 << 20) -> It
     routes: dict[str, tuple[str, int] | None] = {
         "kme12": (LOOPBACK, testbed.kmes[2].inter_kme_port),
         "kme21": (LOOPBACK, testbed.kmes[1].inter_kme_port),
-        **{name: None for name in ("sae_echo", "sae_tls", "sae_qkd", "sae_qkd_cold")},
+        **{name: None for name in ("sae_echo", "sae_tls", "sae_qkd", "sae_qkd_announce", "sae_qkd_cold")},
     }
     with RelayProcess(routes, delay_ms=0, emulate_tcp_handshake=True) as relay:
         route_peer_link(testbed, 1, relay.addresses["kme12"])
@@ -440,7 +453,8 @@ class _Client:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             self._shared = ctx
         elif variant.warm:
-            self._shared = self._qkd_context(PREFETCH if variant.profile else 0)
+            pool = (ANNOUNCE_PREFETCH if variant.announce else PREFETCH) if variant.profile else 0
+            self._shared = self._qkd_context(pool)
 
     def _qkd_context(self, prefetch: int) -> Any:
         from qkdtls.net.context import QKDContext
@@ -450,6 +464,7 @@ class _Client:
         return QKDContext(
             "client", kme=self.sites.client_settings(prefetch), qkd="required",
             profiles=(self.variant.profile,), cafile=self.sites.testbed.pki.trust_bundle,
+            announce_keys=PREFETCH if self.variant.announce else 0,
         )
 
     def run(self, address: tuple[str, int], rtt: float) -> tuple[float, str, int, int]:

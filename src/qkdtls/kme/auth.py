@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,14 +36,28 @@ def _parse(der: bytes) -> PeerCertificate | None:
     return PeerCertificate(serial=cert.serial_number, fingerprint=hashlib.sha256(der).digest())
 
 
+# The certificate of a kept-alive connection, read once per connection instead of re-encoded per request.
+# Sound because the server contexts refuse renegotiation (the only way a TLS connection changes its peer).
+_BY_CONNECTION: weakref.WeakKeyDictionary[object, PeerCertificate | None] = weakref.WeakKeyDictionary()
+
+
 def peer_certificate(request: web.BaseRequest) -> PeerCertificate | None:
     """The verified client certificate of the request's connection, or None when the client sent none."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_object is None:
         return None
+    try:
+        return _BY_CONNECTION[ssl_object]
+    except KeyError:
+        pass
+    except TypeError:  # an SSL object without weak references: no caching
+        der = ssl_object.getpeercert(binary_form=True)
+        return _parse(der) if der else None
     der = ssl_object.getpeercert(binary_form=True)
-    return _parse(der) if der else None
+    cert = _parse(der) if der else None
+    _BY_CONNECTION[ssl_object] = cert
+    return cert
 
 
 T = TypeVar("T")
@@ -93,6 +108,9 @@ def server_context(
     # or was replaced since would still be accepted. Clients keep connections alive instead.
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
+    # A TLS 1.2 renegotiation could present another client certificate on the same connection; the
+    # identity is read once per connection (``peer_certificate``), so the connection's peer must be fixed.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
 
 

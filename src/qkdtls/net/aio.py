@@ -27,11 +27,13 @@ from qkdtls.net.errors import (
     QKDPolicyError,
 )
 from qkdtls.net.session import Session
+from qkdtls.tls.alerts import InvalidState
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
     ConnectionInfo,
     HandshakeComplete,
+    KeysAnnounced,
     NeedQkdKey,
     NeedRekeyKey,
     QkdRekeyed,
@@ -158,6 +160,7 @@ class _TLSProtocol(asyncio.Protocol):
         self._done = False  # handshake finished (either way)
         self._peer: tuple[str | None, int | None] = (None, None)
         self._offered = False
+        self._offered_announced = False  # the key offered was announced to this server earlier
         self._bytes_since_rekey = 0
         self._rekeyed_at = 0.0
         self._rekeying = False
@@ -222,6 +225,7 @@ class _TLSProtocol(asyncio.Protocol):
         if self._done:
             return  # timed out while the KME answered
         self._offered = offer is not None
+        self._offered_announced = offer is not None and offer.announced
         self.session = Session(TLSClient(self.context.client_config(), self.server_hostname, offer))
         try:
             self.session.start()
@@ -310,9 +314,21 @@ class _TLSProtocol(asyncio.Protocol):
             if event is None:
                 break
             if isinstance(event, NeedQkdKey):
+                # A key collected ahead (announced) is served without leaving the event loop.
+                key = self.context.keys.take_collected(event.master_sae_id, event.key_id)
+                if key is not None:
+                    try:
+                        session.provide_qkd_key(key)
+                    except QKDError as exc:
+                        self._flush()
+                        self._fail(exc)
+                        return
+                    continue
                 self._kme_call(
                     self.context.keys.collect, session.provide_qkd_key, event.master_sae_id, event.key_id
                 )
+            elif isinstance(event, KeysAnnounced):
+                self.context.keys.collect_announced(event.master_sae_id, event.key_ids)
             elif isinstance(event, NeedRekeyKey):
                 self._kme_call(
                     self.context.keys.collect, session.provide_rekey_key, event.master_sae_id, event.key_id
@@ -370,7 +386,8 @@ class _TLSProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if not self.server_side:
-            self.context.note_outcome(*self._peer, self._offered, info.mode)
+            self.context.note_outcome(*self._peer, self._offered, info.mode, self._offered_announced)
+            self._announce()
         log.info(
             "TLS handshake complete",
             extra={
@@ -398,7 +415,9 @@ class _TLSProtocol(asyncio.Protocol):
             and isinstance(exc, QKDPolicyError)
             and not exc.sent_by_peer
         ):
-            self.context.note_outcome(*self._peer, True, "classic")
+            self.context.note_outcome(*self._peer, True, "classic", self._offered_announced)
+        elif not self.server_side and not self._done and self._offered_announced:
+            self.context.note_outcome(*self._peer, True, "failed", announced=True)
         if self.raw is not None:
             self.raw.close()  # what is buffered (the alert) still goes out
         if not self._done:
@@ -406,6 +425,24 @@ class _TLSProtocol(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             self._on_failed(exc)
+
+    def _announce(self) -> None:
+        """Client: name the keys the next connections to this server will offer (0xFEA9 negotiated).
+
+        On the event loop: the keys come from the prefetch pool in memory (KeySource never asks the KME
+        here), and the message leaves with the client Finished, before the application can close.
+        """
+        session = self.session
+        if session is None or not session.can_announce:
+            return
+        key_ids = self.context.announce_after_handshake(*self._peer, self.target_sae_id)
+        if not key_ids:
+            return
+        try:
+            session.announce_keys(key_ids)
+        except (QKDError, InvalidState):
+            return  # cannot send any more: the queued keys are then offered unannounced (collected directly)
+        self._flush()
 
     # -- application side ----------------------------------------------------------------------------------
 

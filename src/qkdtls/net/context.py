@@ -2,7 +2,8 @@
 
 A context holds what is shared by many connections: certificates, trust, the QKD policy and profiles, the
 SAE's KME client (kept-alive connections, optional prefetch pool), the host → SAE directory, the memory of
-servers that refused QKD, and the rekey limits. It builds the sans-I/O engines (``client_config()``,
+servers that refused QKD, the rekey limits, and the keys announced ahead of use (client: the queues per
+server; server: the keys collected in the background). It builds the sans-I/O engines (``client_config()``,
 ``server_config()``) and wraps sockets the way ``SSLContext.wrap_socket`` does.
 """
 
@@ -28,6 +29,7 @@ from qkdtls.net.directory import SaeDirectory
 from qkdtls.net.errors import QKDConfigurationError, QKDKeyUnavailable
 from qkdtls.net.qkd_keys import KeySource, NonQkdPeers
 from qkdtls.tls.config import QKD_POLICIES, QKD_PROFILES, ClientConfig, QkdOffer, ServerConfig
+from qkdtls.tls.qkd_secure import MAX_ANNOUNCED_KEYS
 
 if TYPE_CHECKING:
     from qkdtls.net.socket import QKDSocket
@@ -81,6 +83,8 @@ class QKDContext:
         rekey_after_bytes: int | None = None,
         rekey_after_seconds: float | None = None,
         handshake_timeout: float = 10.0,
+        announce_keys: int = 4,
+        accept_key_announcements: bool = False,
     ) -> None:
         if purpose not in ("client", "server"):
             raise ValueError("purpose must be 'client' or 'server'")
@@ -95,6 +99,8 @@ class QKDContext:
             raise ValueError("rekey_after_bytes must be positive")
         if rekey_after_seconds is not None and rekey_after_seconds <= 0:
             raise ValueError("rekey_after_seconds must be positive")
+        if not 0 <= announce_keys <= MAX_ANNOUNCED_KEYS:
+            raise ValueError(f"announce_keys must be between 0 and {MAX_ANNOUNCED_KEYS}")
         self.purpose: Purpose = purpose
         self.qkd = qkd
         self.profiles: tuple[str, ...] = profiles
@@ -105,6 +111,11 @@ class QKDContext:
         self.rekey_after_bytes = rekey_after_bytes
         self.rekey_after_seconds = rekey_after_seconds
         self.handshake_timeout = handshake_timeout
+        # Client: keys announced to a server and kept for it (only with a prefetch pool; 0 = never announce).
+        self.announce_keys = announce_keys
+        # Server: accept announcements and collect the keys ahead. Only correct when this process is the only
+        # one serving its SAE ID (behind a load balancer another instance would find the keys collected).
+        self.accept_key_announcements = accept_key_announcements
         self.non_qkd_peers = NonQkdPeers()
         self._certificate_chain: list[x509.Certificate] = []
         self._private_key: Any = None
@@ -189,6 +200,7 @@ class QKDContext:
             qkd=self.qkd,
             qkd_profiles=self.profiles,
             rekey=True,
+            key_announce=self.announce_keys > 0 and self.keys.prefetching,
         )
 
     def server_config(self) -> ServerConfig:
@@ -200,6 +212,7 @@ class QKDContext:
             alpn_protocols=self.alpn_protocols,
             client_trust=list(self._trust) if self._trust is not None else None,
             rekey=True,
+            accept_key_announcements=self.accept_key_announcements and self.keys.kme is not None,
         )
 
     def classic_context(self) -> ssl.SSLContext | None:
@@ -266,6 +279,9 @@ class QKDContext:
             return None
         if self.keys.kme is None:
             return None
+        announced = self.keys.announced.take(peer[0], peer[1], target)
+        if announced is not None:
+            return dataclasses.replace(announced, profiles=self.profiles)
         try:
             return self.keys.offer(target, self.profiles)
         except QKDKeyUnavailable as exc:
@@ -281,8 +297,39 @@ class QKDContext:
         """A fresh key for an in-connection QKD rekey (secure profile only)."""
         return self.keys.offer(target_sae_id, ("secure",))
 
-    def note_outcome(self, host: str | None, port: int | None, offered: bool, mode: str | None) -> None:
-        """Remember servers that answered a QKD offer classically, so no further keys are spent on them."""
+    def announce_after_handshake(
+        self, host: str | None, port: int | None, target_sae_id: int | None
+    ) -> list[str]:
+        """Client, after a handshake that negotiated 0xFEA9: key IDs to announce (moved to its queue)."""
+        if target_sae_id is None or not host or self.announce_keys <= 0:
+            return []
+        try:
+            return self.keys.prepare_announcement(
+                host, port or 0, target_sae_id, self.announce_keys, self.profiles
+            )
+        except QKDKeyUnavailable:
+            return []
+
+    def note_outcome(
+        self, host: str | None, port: int | None, offered: bool, mode: str | None, announced: bool = False
+    ) -> None:
+        """Remember servers that answered a QKD offer classically, so no further keys are spent on them.
+
+        When the key offered was an announced one, the server lost what it had collected (a restart, or
+        another instance behind the same address): the keys announced to it are dropped instead, and the
+        server is not taken for one that cannot do TLS-QKD.
+        """
+        if announced and mode != "qkd" and host:
+            dropped = self.keys.announced.drop(host, port or 0)
+            log.warning(
+                "server could not use an announced key; keys announced to it are dropped",
+                extra={
+                    "event": "tls.announced_key_refused",
+                    "peer": f"{host}:{port}",
+                    "dropped": dropped + 1,
+                },
+            )
+            return
         if offered and mode != "qkd" and host:
             self.non_qkd_peers.remember(host, port or 0)
             log.warning(
@@ -320,7 +367,8 @@ class QKDContext:
         )
 
     def close(self) -> None:
-        """Close the KME client if this context created it."""
+        """Close the KME client if this context created it, and stop collecting announced keys."""
+        self.keys.close()
         if self._release_kme is not None:
             self._release_kme()
 

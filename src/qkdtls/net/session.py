@@ -251,6 +251,17 @@ class Session:
             return False
         return isinstance(self.conn, TLSClient) and self.conn.rekey_negotiated
 
+    @property
+    def can_announce(self) -> bool:
+        """Client: the server accepts key announcements (0xFEA9) and none was sent on this connection."""
+        if self._classic is not None or self.info is None or self.info.mode != "qkd":
+            return False
+        return isinstance(self.conn, TLSClient) and self.conn.announce_negotiated
+
+    def announce_keys(self, key_ids: list[str]) -> None:
+        """Client: send the QkdKeyAnnounce naming ``key_ids``."""
+        self._guarded("announce_keys", key_ids)
+
     def start(self) -> None:
         """Client: queue the ClientHello."""
         self._guarded("initiate")

@@ -25,12 +25,14 @@ from qkdtls.net.errors import (
     QKDPolicyError,
 )
 from qkdtls.net.session import Session
+from qkdtls.tls.alerts import InvalidState
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
     ConnectionInfo,
     Event,
     HandshakeComplete,
+    KeysAnnounced,
     NeedQkdKey,
     NeedRekeyKey,
     QkdRekeyed,
@@ -100,6 +102,7 @@ class QKDSocket:
         self._session: Session | None = None
         self._peer: tuple[str | None, int | None] = (None, None)
         self._offered_key_id: str | None = None
+        self._offered_announced = False  # the key offered was announced to this server earlier
         self._plain: deque[bytes | bytearray] = deque()
         self._plain_offset = 0
         self._rview: memoryview | None = None  # read buffer, allocated on the first read after the handshake
@@ -226,6 +229,7 @@ class QKDSocket:
         offer = ctx.client_offer(host, peer_port, self.target_sae_id)
         if offer is not None:
             self._offered_key_id = offer.key_id
+            self._offered_announced = offer.announced
         session = Session(TLSClient(ctx.client_config(), self.server_hostname, offer))
         session.start()
         return session
@@ -248,7 +252,7 @@ class QKDSocket:
                         f"TLS handshake not complete after {self.context.handshake_timeout:g} s"
                     )
                 self._sock.settimeout(left)  # bounds the writes below as well as the read
-                self._flush()
+                # Events first: a client's key announcement then leaves in one write with its Finished.
                 self._dispatch_handshake_events(session)
                 self._flush()
                 if session.established:
@@ -273,7 +277,9 @@ class QKDSocket:
         info = session.info
         assert info is not None
         if not self.server_side:
-            self.context.note_outcome(*self._peer, self._offered_key_id is not None, info.mode)
+            self.context.note_outcome(
+                *self._peer, self._offered_key_id is not None, info.mode, self._offered_announced
+            )
         log.info(
             "TLS handshake complete",
             extra={
@@ -294,7 +300,9 @@ class QKDSocket:
             and isinstance(exc, QKDPolicyError)
             and not exc.sent_by_peer
         ):
-            self.context.note_outcome(*self._peer, True, "classic")
+            self.context.note_outcome(*self._peer, True, "classic", self._offered_announced)
+        elif not self.server_side and self._offered_announced:
+            self.context.note_outcome(*self._peer, True, "failed", announced=True)
         try:
             self._flush()  # the alert the engine queued
         except OSError:
@@ -313,9 +321,22 @@ class QKDSocket:
             elif isinstance(event, ConnectionClosed):
                 self._eof = True
             elif isinstance(event, HandshakeComplete):
-                continue
+                if not self.server_side:
+                    self._announce(session)
             else:
                 self._after_event(event)
+
+    def _announce(self, session: Session) -> None:
+        """Client: name the keys the next connections to this server will offer (0xFEA9 negotiated)."""
+        if not session.can_announce:
+            return
+        key_ids = self.context.announce_after_handshake(*self._peer, self.target_sae_id)
+        if key_ids:
+            with self._lock:
+                try:
+                    session.announce_keys(key_ids)
+                except InvalidState:
+                    pass  # cannot send any more: the queued keys are offered unannounced (collected directly)
 
     # -- bytes ---------------------------------------------------------------------------------------------
 
@@ -360,6 +381,8 @@ class QKDSocket:
             key = self.context.keys.collect(event.master_sae_id, event.key_id)
             with self._lock:
                 session.provide_rekey_key(key)
+        elif isinstance(event, KeysAnnounced):
+            self.context.keys.collect_announced(event.master_sae_id, event.key_ids)
         elif isinstance(event, QkdRekeyed):
             self._rekey_pending = False
             self.rekeyed_key_ids.append(event.key_id)

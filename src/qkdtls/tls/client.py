@@ -23,6 +23,7 @@ QKD offers (docs/design.md "Profiles", "Policy"):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections import deque
@@ -148,7 +149,7 @@ _HRR_EXTS = frozenset({ET.key_share, ET.supported_versions, ET.cookie})
 _EE_EXTS = frozenset({
     ET.server_name, ET.max_fragment_length, ET.supported_groups, ET.use_srtp, ET.heartbeat,
     ET.application_layer_protocol_negotiation, ET.record_size_limit, ET.early_data, ET.qkd_rekey,
-    ET.qkd_reference_ack,
+    ET.qkd_reference_ack, ET.qkd_key_announce,
 })
 # Bound on the handshake messages taken from one record: 2^14 bytes hold at most 3277 of the smallest, so
 # a legitimate peer never reaches it, and the loop stays visibly finite.
@@ -208,6 +209,8 @@ class TLSClient:
         self._profile: str | None = None
         self._rekey_negotiated = False
         self._rekey_pending: QkdOffer | None = None
+        self._announce_negotiated = False
+        self._announced = False
         self._alpn: str | None = None
         self._cert_request: CertificateRequest | None = None
         self._peer_leaf: x509.Certificate | None = None
@@ -236,6 +239,11 @@ class TLSClient:
     def rekey_negotiated(self) -> bool:
         """The server accepted in-connection QKD rekeying (0xFEA8) in its EncryptedExtensions."""
         return self._rekey_negotiated
+
+    @property
+    def announce_negotiated(self) -> bool:
+        """The server accepted key announcements (0xFEA9) and none was sent yet on this connection."""
+        return self._announce_negotiated and not self._announced
 
     def initiate(self) -> None:
         """Queue the ClientHello."""
@@ -308,6 +316,21 @@ class TLSClient:
             raise InvalidState("a QKD rekey is already in progress")
         message = qkd_secure.QkdRekey(offer.key_id)
         self._guarded(self._start_rekey, message, offer)
+
+    def announce_keys(self, key_ids: tuple[str, ...] | list[str]) -> None:
+        """Send the one QkdKeyAnnounce of this connection: keys the next connections will offer, in order."""
+        self._require_standard_connected("QkdKeyAnnounce")
+        if not self._announce_negotiated:
+            raise InvalidState("the server did not accept key announcements")
+        if self._announced:
+            raise InvalidState("keys were already announced on this connection")
+        try:
+            message = qkd_secure.QkdKeyAnnounce(tuple(key_ids))
+        except ValueError as exc:
+            raise InvalidState(f"cannot announce these keys: {exc}") from None
+        self._announced = True
+        raw = encode_handshake(qkd_secure.HANDSHAKE_QKD_KEY_ANNOUNCE, message.encode())
+        self._guarded(self._send_post_handshake, raw)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
@@ -388,11 +411,7 @@ class TLSClient:
 
     def _build_extensions(self, binders: list[bytes] | None) -> list[ext.Extension]:
         cfg = self.config
-        out = [
-            ext.Extension(ET.supported_versions, ext.encode_supported_versions_client([TLS13])),
-            ext.Extension(ET.supported_groups, ext.encode_u16_list([int(g) for g in self._groups])),
-            ext.Extension(ET.signature_algorithms, ext.encode_u16_list(list(cfg.signature_algorithms))),
-        ]
+        out = list(_constant_extensions(tuple(self._groups), tuple(cfg.signature_algorithms)))
         if self._offer is not None and self._offer.reference is not None:
             out.append(ext.Extension(ET.qkd_reference_request, self._offer.reference.encode()))
         if self.server_name and not _is_ip_address(self.server_name):
@@ -408,6 +427,8 @@ class TLSClient:
             out.append(ext.Extension(ET.psk_key_exchange_modes, ext.encode_psk_modes([ext.PSK_DHE_KE])))
             if cfg.rekey:
                 out.append(ext.Extension(ET.qkd_rekey, b""))
+            if cfg.key_announce:
+                out.append(ext.Extension(ET.qkd_key_announce, b""))
             assert self._offer is not None
             offered = ext.OfferedPsks((ext.PskIdentity(self._offer.identity, 0),), tuple(binders))
             out.append(ext.Extension(ET.pre_shared_key, offered.encode()))   # must be last (§4.2.11)
@@ -419,21 +440,28 @@ class TLSClient:
         suites = self._hello.cipher_suites if self._hello is not None else self._offered_suites()
         if not use_psk:
             hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(None))
-        else:
-            assert self._offer is not None
-            psk_params = params(self._offer.psk_suite)
-            placeholder = [bytes(psk_params.hash_length)]
-            hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(placeholder))
-            raw = hello.to_bytes()
-            truncated = raw[: len(raw) - ext.binders_length(placeholder)]
-            schedule = KeySchedule(self._offer.psk_suite)
-            schedule.extract_early(self._offer.key)
-            binder_key = schedule.binder_key(external=True)
-            binder = schedule.finished_verify_data(binder_key, self._binder_hash(psk_params.hash_algorithm(),
-                                                                                 truncated))
-            hello = ClientHello(self._random, self._session_id, suites, self._build_extensions([binder]))
-        self._hello = hello
-        self._send_handshake(hello)
+            self._hello = hello
+            self._send_handshake(hello)
+            return
+        assert self._offer is not None
+        psk_params = params(self._offer.psk_suite)
+        placeholder = [bytes(psk_params.hash_length)]
+        extensions = self._build_extensions(placeholder)
+        raw = ClientHello(self._random, self._session_id, suites, extensions).to_bytes()
+        truncated = raw[: len(raw) - ext.binders_length(placeholder)]
+        schedule = KeySchedule(self._offer.psk_suite)
+        schedule.extract_early(self._offer.key)
+        binder_key = schedule.binder_key(external=True)
+        binder = schedule.finished_verify_data(binder_key, self._binder_hash(psk_params.hash_algorithm(),
+                                                                             truncated))
+        # The single binder is the message's last bytes and has the placeholder's length: patch it in
+        # rather than encoding the whole ClientHello a second time.
+        raw = raw[: len(raw) - len(binder)] + binder
+        psk = extensions[-1]
+        extensions[-1] = ext.Extension(psk.type, psk.data[: len(psk.data) - len(binder)] + binder)
+        self._hello = ClientHello(self._random, self._session_id, suites, extensions)
+        self._transcript.update(raw)
+        self._outgoing += self._records.seal(HANDSHAKE, raw)
 
     def _binder_hash(self, algorithm: hashes.HashAlgorithm, truncated: bytes) -> bytes:
         if self._suite is not None:
@@ -678,6 +706,9 @@ class TLSClient:
         self._rekey_negotiated = (
             self._profile == "secure" and ext.find(message.extensions, ET.qkd_rekey) is not None
         )
+        self._announce_negotiated = (
+            self._profile == "secure" and ext.find(message.extensions, ET.qkd_key_announce) is not None
+        )
         self._transcript.update(raw)
         if self._profile == "secure":
             self._transition(ClientState.WAIT_FINISHED)   # PSK: no certificate (§2.2)
@@ -735,7 +766,8 @@ class TLSClient:
         self._client_ap, self._server_ap = schedule.application_traffic_secrets(self._transcript.digest())
         self._keylog("CLIENT_TRAFFIC_SECRET_0", self._client_ap)
         self._keylog("SERVER_TRAFFIC_SECRET_0", self._server_ap)
-        self._keylog("EXPORTER_SECRET", schedule.exporter_master_secret(self._transcript.digest()))
+        if self.config.keylog is not None:  # one HKDF and a hash nobody else uses
+            self._keylog("EXPORTER_SECRET", schedule.exporter_master_secret(self._transcript.digest()))
         if self._profile == "reference":
             assert self._offer is not None and self._offer.reference is not None
             # No client Finished: both directions switch to the raw QKD key (reference §2.9 step 7).
@@ -802,6 +834,9 @@ class TLSClient:
         self._records.write = AeadProtection(self._suite, *schedule.traffic_keys(self._client_ap))
         self._events.append(KeyUpdated("send"))
 
+    def _send_post_handshake(self, raw: bytes) -> None:
+        self._outgoing += self._records.seal(HANDSHAKE, raw)
+
     def _start_rekey(self, message: qkd_secure.QkdRekey, offer: QkdOffer) -> None:
         schedule = self._schedule
         assert schedule is not None and self._suite is not None
@@ -822,6 +857,18 @@ class TLSClient:
         self._records.read = AeadProtection(self._suite, *schedule.traffic_keys(self._server_ap))
         self._rekey_pending = None
         self._events.append(QkdRekeyed(offer.key_id))
+
+
+@functools.lru_cache(maxsize=32)
+def _constant_extensions(
+    groups: tuple[NamedGroup, ...], schemes: tuple[int, ...]
+) -> tuple[ext.Extension, ...]:
+    """The ClientHello extensions that depend on the configuration only, encoded once per configuration."""
+    return (
+        ext.Extension(ET.supported_versions, ext.encode_supported_versions_client([TLS13])),
+        ext.Extension(ET.supported_groups, ext.encode_u16_list([int(g) for g in groups])),
+        ext.Extension(ET.signature_algorithms, ext.encode_u16_list(list(schemes))),
+    )
 
 
 def _is_ip_address(name: str) -> bool:

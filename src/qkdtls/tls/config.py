@@ -24,6 +24,7 @@ class QkdOffer:
     key: bytes = field(repr=False)
     master_sae_id: int
     profiles: tuple[str, ...] | None = None   # None: the config's qkd_profiles
+    announced: bool = False   # the key was announced to this server earlier (0xFEA9)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -57,6 +58,7 @@ class ClientConfig:
     qkd_profiles: Sequence[str] = ("secure",)
     qkd_cipher_suite: CipherSuite = CipherSuite.TLS_AES_256_GCM_SHA384   # PSK hash follows it
     rekey: bool = True
+    key_announce: bool = False          # offer 0xFEA9: the client can announce keys for its next connections
     keylog: Callable[[str], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,8 @@ class ServerConfig:
     # set: send CertificateRequest and require a client certificate chaining to it
     client_trust: list[x509.Certificate] | None = None
     rekey: bool = True
+    # Echo 0xFEA9 and report QkdKeyAnnounce as KeysAnnounced: only where one server process serves its SAE ID.
+    accept_key_announcements: bool = False
     keylog: Callable[[str], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -81,3 +81,15 @@ class KeyUpdated(Event):
 @dataclass(frozen=True)
 class QkdRekeyed(Event):
     key_id: str
+
+
+@dataclass(frozen=True)
+class KeysAnnounced(Event):
+    """Server: the client announced keys it will offer on its next connections (0xFEA9 negotiated).
+
+    The adapter may collect them with one dec_keys for ``master_sae_id`` in the background; nothing in this
+    connection waits for it.
+    """
+
+    master_sae_id: int
+    key_ids: tuple[str, ...]

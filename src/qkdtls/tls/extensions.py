@@ -44,6 +44,7 @@ class ExtensionType(IntEnum):
     qkd_reference_request = 0xFEA6     # reference profile, ClientHello: postcard(key_ID, SAE ID, IV)
     qkd_reference_ack = 0xFEA7         # reference profile, ServerHello: the encrypted challenge
     qkd_rekey = 0xFEA8                 # secure profile between qkdtls peers: in-connection QKD rekeying
+    qkd_key_announce = 0xFEA9          # secure profile between qkdtls peers: keys announced for later
 
 
 ET = ExtensionType

@@ -15,6 +15,13 @@ traffic), derives independent keys and nonces per direction, and any standard pe
   old secrets cannot follow. Sequence: the client sends QkdRekey(key_ID) and
   switches its write key; the server fetches the key, switches its read key, answers with an empty QkdRekey
   (the ack) under its old write key, then switches its write key; the client switches its read key on the ack.
+* **key announcement** (extension 0xFEA9 ``qkd_key_announce``, empty, in ClientHello and EncryptedExtensions,
+  only between qkdtls peers): after the handshake the client may send one post-handshake message (handshake
+  type 0xFD, ``QkdKeyAnnounce``) whose body is ``opaque key_ID<1..255>`` repeated in a
+  ``key_IDs<1..2^16-1>`` vector, at most 16 IDs. They name keys the client already obtained with enc_keys for
+  this server and will offer, in order, on its next connections: the server collects them in the background,
+  so those handshakes wait for no KME. The message changes no key; it is authenticated by the record layer
+  like any post-handshake message, and names keys only the announced master/slave pair can collect.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from .key_schedule import hkdf_expand_label, hkdf_extract
 
 EXT_QKD_REKEY = 0xFEA8
 HANDSHAKE_QKD_REKEY = 0xFE
+EXT_QKD_KEY_ANNOUNCE = 0xFEA9
+HANDSHAKE_QKD_KEY_ANNOUNCE = 0xFD
+MAX_ANNOUNCED_KEYS = 16
 PSK_IDENTITY_PREFIX = b"qkd1:"
 LABEL_CLIENT_REKEY = b"qkd c ap"
 LABEL_SERVER_REKEY = b"qkd s ap"
@@ -119,3 +129,48 @@ class QkdRekey:
         if not _is_canonical_uuid(text):
             raise IllegalParameter("QkdRekey key_ID is not a canonical UUID")
         return cls(text)
+
+
+@dataclass(frozen=True, slots=True)
+class QkdKeyAnnounce:
+    """Body of the QkdKeyAnnounce handshake message (type 0xFD): key IDs the client will offer next."""
+
+    key_ids: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.key_ids) <= MAX_ANNOUNCED_KEYS:
+            raise ValueError(f"a QkdKeyAnnounce names 1 to {MAX_ANNOUNCED_KEYS} key IDs")
+        if len(set(self.key_ids)) != len(self.key_ids):
+            raise ValueError("a QkdKeyAnnounce names each key ID once")
+        for key_id in self.key_ids:
+            if not _is_canonical_uuid(key_id):
+                raise ValueError("key IDs are canonical lower-case UUIDs")
+
+    def encode(self) -> bytes:
+        items = Writer()
+        for key_id in self.key_ids:
+            items.opaque8(key_id.encode("ascii"))
+        return Writer().opaque16(items.getvalue()).getvalue()
+
+    @classmethod
+    def decode(cls, body: bytes) -> QkdKeyAnnounce:
+        """Total: anything but the exact form :meth:`encode` writes is a :class:`DecodeError`."""
+        reader = Reader(body)
+        vector = Reader(reader.opaque16(min_len=1))
+        reader.expect_end("QkdKeyAnnounce")
+        key_ids: list[str] = []
+        # Bounded: every pass consumes at least two bytes of a vector of at most 2^16 - 1.
+        while not vector.eof():
+            if len(key_ids) == MAX_ANNOUNCED_KEYS:
+                raise DecodeError(f"QkdKeyAnnounce names more than {MAX_ANNOUNCED_KEYS} key IDs")
+            raw = vector.opaque8(min_len=1)
+            try:
+                text = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise DecodeError("QkdKeyAnnounce key_ID is not ASCII") from None
+            if not _is_canonical_uuid(text):
+                raise DecodeError("QkdKeyAnnounce key_ID is not a canonical UUID")
+            if text in key_ids:
+                raise DecodeError("QkdKeyAnnounce names a key ID twice")
+            key_ids.append(text)
+        return cls(tuple(key_ids))

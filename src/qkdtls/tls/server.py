@@ -52,6 +52,7 @@ from .events import (
     Event,
     HandOff,
     HandshakeComplete,
+    KeysAnnounced,
     KeyUpdated,
     NeedQkdKey,
     NeedRekeyKey,
@@ -81,7 +82,15 @@ from .qkd_reference import (
     open_challenge,
     seal_challenge,
 )
-from .qkd_secure import EXT_QKD_REKEY, QkdRekey, parse_psk_identity, rekeyed_secret
+from .qkd_secure import (
+    EXT_QKD_KEY_ANNOUNCE,
+    EXT_QKD_REKEY,
+    HANDSHAKE_QKD_KEY_ANNOUNCE,
+    QkdKeyAnnounce,
+    QkdRekey,
+    parse_psk_identity,
+    rekeyed_secret,
+)
 from .records import (
     ALERT,
     APPLICATION_DATA,
@@ -128,6 +137,7 @@ class _Offer:
         self.psk_index = 0
         self.suite: CipherSuite | None = None
         self.reference: QkdRequest | None = None
+        self.psks: ext.OfferedPsks | None = None   # the first ClientHello's, decoded once
 
 
 class TLSServer:
@@ -151,6 +161,8 @@ class TLSServer:
         self._retried = False
         self._alpn: str | None = None
         self._rekey = False
+        self._announce = False       # 0xFEA9 negotiated
+        self._announced = False      # the one QkdKeyAnnounce of this connection was received
         self._client_secret = b""
         self._server_secret = b""
         self._client_hs_secret = b""
@@ -430,6 +442,7 @@ class TLSServer:
         if ext.PSK_DHE_KE not in ext.decode_psk_modes(modes_data):
             return False  # psk_ke alone gives no forward secrecy: never accepted
         offered = ext.OfferedPsks.decode(psk_data)
+        self._offer.psks = offered
         for index, psk in enumerate(offered.identities):
             parsed = parse_psk_identity(psk.identity)
             if parsed is None:
@@ -506,16 +519,18 @@ class TLSServer:
     def _verify_binder(self, hello: ClientHello, raw: bytes) -> None:
         """RFC 8446 §4.2.11.2, in constant time, before anything of the ClientHello is trusted."""
         assert self._schedule is not None
-        psk_data = ext.find(hello.extensions, ext.ET.pre_shared_key)
-        if psk_data is None:
-            raise IllegalParameter("the second ClientHello dropped the PSK")
-        offered = ext.OfferedPsks.decode(psk_data)
         index = self._offer.psk_index
-        if index >= len(offered.identities) or parse_psk_identity(offered.identities[index].identity) != (
-            self._offer.master_sae_id,
-            self._offer.key_id,
-        ):
-            raise IllegalParameter("the second ClientHello changed the PSK")
+        if hello is self._client_hello and self._offer.psks is not None:
+            offered = self._offer.psks  # decoded and its identity checked by _find_secure_offer
+        else:
+            psk_data = ext.find(hello.extensions, ext.ET.pre_shared_key)
+            if psk_data is None:
+                raise IllegalParameter("the second ClientHello dropped the PSK")
+            offered = ext.OfferedPsks.decode(psk_data)
+            if index >= len(offered.identities) or parse_psk_identity(
+                offered.identities[index].identity
+            ) != (self._offer.master_sae_id, self._offer.key_id):
+                raise IllegalParameter("the second ClientHello changed the PSK")
         truncated = raw[: len(raw) - ext.binders_length(offered.binders)]
         binder_key = self._schedule.binder_key(external=True)
         expected = hmac_digest(
@@ -535,6 +550,10 @@ class TLSServer:
         self._verify_binder(hello, raw)
         self._choose_alpn(hello)
         self._rekey = self.config.rekey and ext.find(hello.extensions, EXT_QKD_REKEY) is not None
+        self._announce = (
+            self.config.accept_key_announcements
+            and ext.find(hello.extensions, EXT_QKD_KEY_ANNOUNCE) is not None
+        )
         choice = self._choose_group(hello)
         if isinstance(choice, NamedGroup):
             self._send_hello_retry_request(hello, raw, suite, choice)
@@ -608,6 +627,8 @@ class TLSServer:
         extensions = self._common_encrypted_extensions()
         if self._rekey:
             extensions.append(ext.Extension(EXT_QKD_REKEY, b""))
+        if self._announce:
+            extensions.append(ext.Extension(EXT_QKD_KEY_ANNOUNCE, b""))
         self._send_protected_handshake(EncryptedExtensions(extensions).to_bytes())
         self._send_server_finished()
         self._records.allow_ccs = True
@@ -799,6 +820,11 @@ class TLSServer:
             self._handshake.require_empty()
             self._pending_rekey = message.key_id
             self._events.append(NeedRekeyKey(message.key_id, self._offer.master_sae_id))
+        elif msg_type == HANDSHAKE_QKD_KEY_ANNOUNCE and self._announce and not self._announced:
+            # One per connection: with at most 16 IDs each, a client cannot make the server collect more.
+            announcement = QkdKeyAnnounce.decode(body)
+            self._announced = True
+            self._events.append(KeysAnnounced(self._offer.master_sae_id, announcement.key_ids))
         else:
             raise UnexpectedMessage(f"handshake message {msg_type} after the handshake")
 

@@ -2,9 +2,10 @@
 
 Every public method queues one operation (a plain function over a DB-API cursor). A flusher runs all queued
 operations in one transaction, each inside a SAVEPOINT so that a refused operation is rolled back alone:
-with ``synchronous=FULL`` a commit costs one fsync (~0.2 ms here), so batching the operations of concurrent
-requests into one commit is what keeps throughput flat under load. Counter updates are aggregated per batch
-and applied last in a fixed order, so concurrent PostgreSQL writers lock counter rows in the same order.
+with ``synchronous=FULL`` a commit costs one fsync (0.2-2 ms here, more under load), so batching the
+operations of concurrent requests into one commit is what keeps throughput flat under load. Counter updates
+are aggregated per batch and applied last in a fixed order, so concurrent PostgreSQL writers lock counter
+rows in the same order.
 """
 
 from __future__ import annotations
