@@ -64,8 +64,9 @@ def sae_endpoint(testbed: Any, sae_id: int, *, profile: str = "secure", prefetch
     app_cert, app_key, _ = testbed.app_server_credentials(sae_id)
     client = QKDContext("client", kme=settings, qkd="required", profiles=(profile,),
                         cafile=testbed.pki.trust_bundle, prefetch=prefetch)
+    # One process serves each SAE here, so announced keys can be collected ahead of the handshakes.
     server = QKDContext("server", kme=settings, qkd="preferred", profiles=(profile,),
-                        certfile=app_cert, keyfile=app_key)
+                        certfile=app_cert, keyfile=app_key, accept_key_announcements=True)
     return SaeEndpoint(sae_id, kme_id, client, server)
 
 

@@ -137,6 +137,12 @@ def register(subparsers: Any) -> None:
     server.add_argument(
         "--www", action="store_true", help="answer HTTP GET with a status page instead of echoing"
     )
+    server.add_argument(
+        "--accept-key-announcements",
+        action="store_true",
+        help="collect the keys qkdtls clients announce for their next connections ahead of time, so those "
+        "handshakes make no KME request (only correct when this process alone serves its SAE ID)",
+    )
     _add_tls_arguments(server)
     _add_kme_arguments(server, cert_aliases=False)
     server.set_defaults(func=run_server)
@@ -314,6 +320,7 @@ def run_server(args: argparse.Namespace) -> int:
             cafile=args.cafile,
             alpn_protocols=args.alpn,
             handshake_timeout=args.timeout,
+            accept_key_announcements=args.accept_key_announcements,
         )
     except (QKDError, ValueError) as exc:
         raise UserError(str(exc)) from None
