@@ -155,6 +155,8 @@ async def test_status_reports_the_callers_direction(bed: Bed) -> None:
         ("x21", {}, "64-bit integer"),
         ("99999999999999999999", {}, "64-bit integer"),
         ("77", {}, "unknown"),
+        ("11", {}, "cannot also be a slave"),
+        ("12", {"additional_slave_SAE_IDs": ["11"]}, "cannot also be a slave"),
     ],
 )
 async def test_enc_keys_bad_requests(

@@ -226,6 +226,10 @@ class KmeService:
         if not 1 <= number <= s.max_key_per_request:
             raise BadRequestError(f"number must be between 1 and {s.max_key_per_request}")
         slaves = self._slaves(slave, request.additional_slave_SAE_IDs)
+        if caller_sae in slaves:
+            # A key an SAE shares with itself proves nothing to anyone, and it would let a TLS-QKD offer be
+            # reflected back to its sender: the slave's collection is what binds the direction.
+            raise BadRequestError("the master SAE cannot also be a slave of its keys")
         link = self._link_to(slave.kme_id)
         bpk = self._blocks_per_key(size)
         expires_at = time.time() + s.reservation_ttl

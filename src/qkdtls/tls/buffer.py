@@ -6,35 +6,42 @@ always surfaces as :class:`~qkdtls.tls.alerts.DecodeError` and never as an Index
 
 from __future__ import annotations
 
+import struct
+
 from .alerts import DecodeError
 
 
 class Reader:
-    """Consumes a byte string front to back; every read checks the remaining length."""
+    """Consumes a byte string front to back; every read checks the remaining length.
 
-    __slots__ = ("_data", "_pos")
+    The fixed-width reads index the bytes directly instead of slicing and converting: every handshake
+    message goes through here, and the per-call cost shows in the handshake's CPU time.
+    """
+
+    __slots__ = ("_data", "_pos", "_end")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self._data = bytes(data)
+        self._data = data if type(data) is bytes else bytes(data)
         self._pos = 0
+        self._end = len(self._data)
 
     @property
     def remaining(self) -> int:
-        return len(self._data) - self._pos
+        return self._end - self._pos
 
     def eof(self) -> bool:
-        return self._pos >= len(self._data)
+        return self._pos >= self._end
 
     def expect_end(self, what: str = "structure") -> None:
-        if not self.eof():
+        if self._pos < self._end:
             raise DecodeError(f"{self.remaining} trailing bytes after {what}")
 
     def raw(self, n: int) -> bytes:
-        if n < 0 or self._pos + n > len(self._data):
+        pos = self._pos
+        if n < 0 or pos + n > self._end:
             raise DecodeError(f"need {n} bytes, {self.remaining} left")
-        out = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        self._pos = pos + n
+        return self._data[pos : pos + n]
 
     def rest(self) -> bytes:
         return self.raw(self.remaining)
@@ -43,13 +50,27 @@ class Reader:
         return int.from_bytes(self.raw(size), "big")
 
     def u8(self) -> int:
-        return self._uint(1)
+        pos = self._pos
+        if pos >= self._end:
+            raise DecodeError(f"need 1 bytes, {self.remaining} left")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self) -> int:
-        return self._uint(2)
+        pos = self._pos
+        if pos + 2 > self._end:
+            raise DecodeError(f"need 2 bytes, {self.remaining} left")
+        self._pos = pos + 2
+        data = self._data
+        return data[pos] << 8 | data[pos + 1]
 
     def u24(self) -> int:
-        return self._uint(3)
+        pos = self._pos
+        if pos + 3 > self._end:
+            raise DecodeError(f"need 3 bytes, {self.remaining} left")
+        self._pos = pos + 3
+        data = self._data
+        return data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
 
     def u32(self) -> int:
         return self._uint(4)
@@ -58,10 +79,23 @@ class Reader:
         return self._uint(8)
 
     def _opaque(self, prefix: int, min_len: int, max_len: int | None) -> bytes:
-        n = self._uint(prefix)
+        pos, data = self._pos, self._data
+        if pos + prefix > self._end:
+            raise DecodeError(f"need {prefix} bytes, {self.remaining} left")
+        if prefix == 1:
+            n = data[pos]
+        elif prefix == 2:
+            n = data[pos] << 8 | data[pos + 1]
+        else:
+            n = int.from_bytes(data[pos : pos + prefix], "big")
         if n < min_len or (max_len is not None and n > max_len):
             raise DecodeError(f"vector length {n} outside [{min_len}, {max_len}]")
-        return self.raw(n)
+        start = pos + prefix
+        if start + n > self._end:
+            self._pos = start
+            raise DecodeError(f"need {n} bytes, {self.remaining} left")
+        self._pos = start + n
+        return data[start : start + n]
 
     def opaque8(self, min_len: int = 0, max_len: int | None = None) -> bytes:
         return self._opaque(1, min_len, max_len)
@@ -86,10 +120,9 @@ class Reader:
         body = self._opaque(prefix, 0, None)
         if len(body) % 2:
             raise DecodeError("odd length for a uint16 vector")
-        items = [int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2)]
-        if len(items) < min_items:
+        if len(body) < 2 * min_items:
             raise DecodeError("vector too short")
-        return items
+        return list(struct.unpack(f">{len(body) // 2}H", body))
 
 
 class Writer:
@@ -128,15 +161,27 @@ class Writer:
     def u64(self, value: int) -> Writer:
         return self._uint(value, 8)
 
+    def _prefixed(self, data: bytes, size: int) -> Writer:
+        n = len(data)
+        if n >= 1 << (8 * size):
+            raise ValueError(f"{n} does not fit in {size} bytes")
+        buf = self._buf
+        buf += n.to_bytes(size, "big")
+        buf += data
+        return self
+
     def opaque8(self, data: bytes) -> Writer:
-        return self._uint(len(data), 1).raw(data)
+        return self._prefixed(data, 1)
 
     def opaque16(self, data: bytes) -> Writer:
-        return self._uint(len(data), 2).raw(data)
+        return self._prefixed(data, 2)
 
     def opaque24(self, data: bytes) -> Writer:
-        return self._uint(len(data), 3).raw(data)
+        return self._prefixed(data, 3)
 
     def u16_list(self, values: list[int] | tuple[int, ...], prefix: int = 2) -> Writer:
-        body = b"".join(int(v).to_bytes(2, "big") for v in values)
-        return self._uint(len(body), prefix).raw(body)
+        try:
+            body = struct.pack(f">{len(values)}H", *values)
+        except struct.error:
+            raise ValueError("a uint16 vector item out of range") from None
+        return self._prefixed(body, prefix)

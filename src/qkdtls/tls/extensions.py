@@ -6,9 +6,11 @@ what was received (the transcript and the PSK binder depend on it). Every decode
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .alerts import DecodeError, IllegalParameter
 from .buffer import Reader, Writer
@@ -49,12 +51,15 @@ class ExtensionType(IntEnum):
 
 ET = ExtensionType
 TLS13 = 0x0304
+_EXT_HEADER = struct.Struct(">HH")
 PSK_DHE_KE = 1
 PSK_KE = 0
 
 
-@dataclass(frozen=True)
-class Extension:
+class Extension(NamedTuple):
+    """One extension in wire order. A named tuple rather than a dataclass: a ClientHello carries about ten
+    of them and each handshake decodes and builds them, so construction has to be cheap."""
+
     type: int
     data: bytes = b""
 
@@ -68,24 +73,35 @@ class Extension:
 
 def decode_extensions(reader: Reader) -> list[Extension]:
     """The extensions<..2^16-1> vector; a repeated type is illegal_parameter (§4.2)."""
-    block = reader.sub16()
+    block = reader.opaque16()
+    end = len(block)
     out: list[Extension] = []
     seen: set[int] = set()
-    while not block.eof():
-        ext_type = block.u16()
-        data = block.opaque16()
+    pos = 0
+    # Bounded: every pass consumes at least the four bytes of an extension header.
+    while pos < end:
+        if pos + 4 > end:
+            raise DecodeError("truncated extension header")
+        ext_type = block[pos] << 8 | block[pos + 1]
+        start = pos + 4
+        pos = start + (block[pos + 2] << 8 | block[pos + 3])
+        if pos > end:
+            raise DecodeError("extension longer than its vector")
         if ext_type in seen:
             raise IllegalParameter(f"duplicate extension {ext_type:#x}")
         seen.add(ext_type)
-        out.append(Extension(ext_type, data))
+        out.append(Extension(ext_type, block[start:pos]))
     return out
 
 
 def encode_extensions(writer: Writer, extensions: Iterable[Extension]) -> None:
-    inner = Writer()
-    for ext in extensions:
-        inner.u16(ext.type).opaque16(ext.data)
-    writer.opaque16(inner.getvalue())
+    parts: list[bytes] = []
+    for ext_type, data in extensions:
+        if len(data) > 0xFFFF:
+            raise ValueError("extension data longer than 2^16 - 1 bytes")
+        parts.append(_EXT_HEADER.pack(ext_type, len(data)))
+        parts.append(data)
+    writer.opaque16(b"".join(parts))
 
 
 def find(extensions: Sequence[Extension], ext_type: int) -> bytes | None:

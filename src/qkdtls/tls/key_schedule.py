@@ -16,15 +16,30 @@ from .alerts import InternalError
 from .suites import CipherSuite, params
 
 
+# HkdfLabel prefixes (length, "tls13 " + label) by (label, length): a handshake expands about 18 labels per
+# side, all from a handful of constants, so each prefix is built once. Bounded so that exporter labels chosen
+# by applications cannot grow it without limit.
+_LABEL_PREFIXES: dict[tuple[bytes, int], bytes] = {}
+_MAX_LABEL_PREFIXES = 64
+
+
 def hkdf_extract(algorithm: hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
     return HKDF.extract(algorithm, salt or bytes(algorithm.digest_size), ikm)
+
+
+def _label_prefix(label: bytes, length: int) -> bytes:
+    full_label = b"tls13 " + label
+    prefix = length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label
+    if len(_LABEL_PREFIXES) < _MAX_LABEL_PREFIXES:
+        _LABEL_PREFIXES[(label, length)] = prefix
+    return prefix
 
 
 def hkdf_expand_label(
     algorithm: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
 ) -> bytes:
-    full_label = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes([len(full_label)]) + full_label + bytes([len(context)]) + context
+    prefix = _LABEL_PREFIXES.get((label, length)) or _label_prefix(label, length)
+    info = prefix + bytes((len(context),)) + context
     return HKDFExpand(algorithm, length, info).derive(secret)
 
 
@@ -91,9 +106,9 @@ class KeySchedule:
     """The secrets of one connection for one cipher suite, advanced stage by stage."""
 
     def __init__(self, suite: CipherSuite) -> None:
-        self.suite = CipherSuite(suite)
         self.params = params(suite)
-        self.algorithm = self.params.hash_algorithm()
+        self.suite = self.params.suite
+        self.algorithm = self.params.algorithm
         self.hash_length = self.params.hash_length
         self._secret: bytes | None = None
         self._stage = "initial"
@@ -111,8 +126,7 @@ class KeySchedule:
         return self._secret
 
     def _empty_hash(self) -> bytes:
-        h = hashes.Hash(self.algorithm)
-        return h.finalize()
+        return self.params.empty_hash
 
     def extract_early(self, psk: bytes | None = None) -> None:
         if self._stage != "initial":

@@ -112,9 +112,12 @@ class AeadProtection:
         return nonce
 
     def seal(self, content_type: int, data: Bytes) -> bytes:
-        if len(data) > MAX_PLAINTEXT:
+        """One record; the path of handshake messages and alerts, which are small (no scratch buffers)."""
+        length = len(data)
+        if length > MAX_PLAINTEXT:
             raise InternalError("record plaintext longer than 2^14")
-        return bytes(self.seal_records(content_type, data)[0])
+        header = _APPLICATION_DATA_TLS12 + (length + 1 + _TAG_LENGTH).to_bytes(2, "big")
+        return header + self._aead.encrypt(self._next_nonce(), bytes(data) + bytes((content_type,)), header)
 
     def seal_records(self, content_type: int, data: Bytes) -> list[bytearray]:
         """Records carrying ``data`` (fragmented to 2^14 bytes), each sealed straight into its own buffer."""
@@ -346,6 +349,9 @@ class RecordLayer:
 
     def seal(self, content_type: int, data: Bytes) -> bytes | bytearray:
         """Records carrying ``data``, fragmented to 2^14 bytes each, in one buffer."""
+        write = self.write
+        if type(write) is AeadProtection and 0 < len(data) <= MAX_PLAINTEXT:
+            return write.seal(content_type, data)   # one record: no fragmenting, no scratch buffer
         records = self.seal_each(content_type, data)
         return records[0] if len(records) == 1 else b"".join(records)
 
@@ -396,7 +402,9 @@ class Outgoing:
 
 
 def encode_handshake(msg_type: int, body: bytes) -> bytes:
-    return Writer().u8(msg_type).opaque24(body).getvalue()
+    if len(body) >= 1 << 24:
+        raise ValueError("handshake message body longer than 2^24 - 1 bytes")
+    return bytes((msg_type,)) + len(body).to_bytes(3, "big") + body
 
 
 class HandshakeBuffer:

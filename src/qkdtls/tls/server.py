@@ -790,14 +790,15 @@ class TLSServer:
             alpn=self._alpn,
             server_name=self.server_name,
         )
-        log.info(
-            "TLS-QKD handshake complete",
-            extra={
-                "event": "tls.qkd_handshake",
-                "profile": self._offer.profile,
-                "key_ID": self._offer.key_id,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):   # the record's extra dict is built only when it is emitted
+            log.info(
+                "TLS-QKD handshake complete",
+                extra={
+                    "event": "tls.qkd_handshake",
+                    "profile": self._offer.profile,
+                    "key_ID": self._offer.key_id,
+                },
+            )
         self._events.append(HandshakeComplete(self.info))
 
     # ------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from cryptography.hazmat.primitives import hashes
@@ -23,13 +23,19 @@ class SuiteParams:
     aead: type[AESGCM] | type[ChaCha20Poly1305]
     iv_length: int = 12
     tag_length: int = 16
+    # Derived once per suite (hash objects are stateless): the key schedule asks for them on every step.
+    algorithm: hashes.HashAlgorithm = field(init=False, repr=False, compare=False)
+    hash_length: int = field(init=False, compare=False)
+    empty_hash: bytes = field(init=False, repr=False, compare=False)   # Hash(""), the "derived" context
+
+    def __post_init__(self) -> None:
+        algorithm = hashes.SHA256() if self.hash_name == "sha256" else hashes.SHA384()
+        object.__setattr__(self, "algorithm", algorithm)
+        object.__setattr__(self, "hash_length", algorithm.digest_size)
+        object.__setattr__(self, "empty_hash", hashes.Hash(algorithm).finalize())
 
     def hash_algorithm(self) -> hashes.HashAlgorithm:
-        return hashes.SHA256() if self.hash_name == "sha256" else hashes.SHA384()
-
-    @property
-    def hash_length(self) -> int:
-        return 32 if self.hash_name == "sha256" else 48
+        return self.algorithm
 
 
 _PARAMS = {
@@ -48,7 +54,8 @@ ALL_SUITES: tuple[CipherSuite, ...] = (
 
 
 def params(suite: CipherSuite | int) -> SuiteParams:
-    return _PARAMS[CipherSuite(suite)]
+    found = _PARAMS.get(suite)   # type: ignore[call-overload]  # ints hash like the members
+    return found if found is not None else _PARAMS[CipherSuite(suite)]
 
 
 def parse_suite(value: CipherSuite | int | str) -> CipherSuite:
