@@ -447,8 +447,9 @@ def test_replayed_client_hello_gets_no_handshake(pki_objects: Pki) -> None:
 def seals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, bytes, bytes]]]:
     """Every (who, key, nonce) any record protection or challenge seal uses, in order."""
     used: list[tuple[str, bytes, bytes]] = []
-    # Every AEAD record is sealed by seal_records (seal() is a one-record call of it).
+    # Every AEAD record is sealed by seal_records (fragmented data) or seal (one record, its own path).
     aead_init, aead_seal = records.AeadProtection.__init__, records.AeadProtection.seal_records
+    aead_seal_one = records.AeadProtection.seal
     ref_init, ref_seal = qkd_reference.ReferenceProtection.__init__, qkd_reference.ReferenceProtection.seal
     challenge_seal = qkd_reference.seal_challenge
 
@@ -462,6 +463,11 @@ def seals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, bytes, by
             nonce = (self._iv ^ sequence).to_bytes(self._iv_length, "big")
             used.append(("record", self.recorded_key, nonce))
         return aead_seal(self, content_type, data)
+
+    def a_seal_one(self, content_type, data):  # type: ignore[no-untyped-def]
+        nonce = (self._iv ^ self.sequence).to_bytes(self._iv_length, "big")
+        used.append(("record", self.recorded_key, nonce))
+        return aead_seal_one(self, content_type, data)
 
     def r_init(self, key, iv):  # type: ignore[no-untyped-def]
         ref_init(self, key, iv)
@@ -478,6 +484,7 @@ def seals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, bytes, by
 
     monkeypatch.setattr(records.AeadProtection, "__init__", a_init)
     monkeypatch.setattr(records.AeadProtection, "seal_records", a_seal)
+    monkeypatch.setattr(records.AeadProtection, "seal", a_seal_one)
     monkeypatch.setattr(qkd_reference.ReferenceProtection, "__init__", r_init)
     monkeypatch.setattr(qkd_reference.ReferenceProtection, "seal", r_seal)
     monkeypatch.setattr(qkd_reference, "seal_challenge", c_seal)

@@ -18,7 +18,7 @@ class Reader:
     message goes through here, and the per-call cost shows in the handshake's CPU time.
     """
 
-    __slots__ = ("_data", "_pos", "_end")
+    __slots__ = ("_data", "_end", "_pos")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._data = data if type(data) is bytes else bytes(data)

@@ -151,6 +151,9 @@ _EE_EXTS = frozenset({
     ET.application_layer_protocol_negotiation, ET.record_size_limit, ET.early_data, ET.qkd_rekey,
     ET.qkd_reference_ack, ET.qkd_key_announce,
 })
+_PSK_DHE_KE_MODES = ext.Extension(ET.psk_key_exchange_modes, ext.encode_psk_modes([ext.PSK_DHE_KE]))
+_QKD_REKEY = ext.Extension(ET.qkd_rekey, b"")
+_QKD_KEY_ANNOUNCE = ext.Extension(ET.qkd_key_announce, b"")
 # Bound on the handshake messages taken from one record: 2^14 bytes hold at most 3277 of the smallest, so
 # a legitimate peer never reaches it, and the loop stays visibly finite.
 _MAX_MESSAGES_PER_CALL = 4096
@@ -195,12 +198,14 @@ class TLSClient:
         self._shares: dict[NamedGroup, KeyShare] = {}
         self._groups = [parse_group(g) for g in config.groups]
         self._hello: ClientHello | None = None
+        self._answerable: set[int] | None = None   # extension types the server may send back to _hello
         self._retried = False
         self._cookie: bytes | None = None
         self._ccs_sent = False
         self._suite: CipherSuite | None = None
         self._group: NamedGroup | None = None
         self._schedule: KeySchedule | None = None
+        self._psk_schedule: KeySchedule | None = None   # the binder's, at the PSK's early secret
         self._client_hs = b""
         self._server_hs = b""
         self._client_ap = b""
@@ -414,8 +419,10 @@ class TLSClient:
         out = list(_constant_extensions(tuple(self._groups), tuple(cfg.signature_algorithms)))
         if self._offer is not None and self._offer.reference is not None:
             out.append(ext.Extension(ET.qkd_reference_request, self._offer.reference.encode()))
-        if self.server_name and not _is_ip_address(self.server_name):
-            out.append(ext.Extension(ET.server_name, ext.encode_server_name(self.server_name)))
+        if self.server_name:
+            server_name = _server_name_extension(self.server_name)
+            if server_name is not None:
+                out.append(server_name)
         shares = [(int(g), s.public) for g, s in self._shares.items()]
         out.append(ext.Extension(ET.key_share, ext.encode_key_share_client(shares)))
         if cfg.alpn_protocols:
@@ -424,11 +431,11 @@ class TLSClient:
         if self._cookie is not None:
             out.append(ext.Extension(ET.cookie, ext.encode_cookie(self._cookie)))
         if binders is not None:
-            out.append(ext.Extension(ET.psk_key_exchange_modes, ext.encode_psk_modes([ext.PSK_DHE_KE])))
+            out.append(_PSK_DHE_KE_MODES)
             if cfg.rekey:
-                out.append(ext.Extension(ET.qkd_rekey, b""))
+                out.append(_QKD_REKEY)
             if cfg.key_announce:
-                out.append(ext.Extension(ET.qkd_key_announce, b""))
+                out.append(_QKD_KEY_ANNOUNCE)
             assert self._offer is not None
             offered = ext.OfferedPsks((ext.PskIdentity(self._offer.identity, 0),), tuple(binders))
             out.append(ext.Extension(ET.pre_shared_key, offered.encode()))   # must be last (§4.2.11)
@@ -439,8 +446,9 @@ class TLSClient:
         # The second ClientHello repeats the first one's cipher suites (§4.1.2).
         suites = self._hello.cipher_suites if self._hello is not None else self._offered_suites()
         if not use_psk:
+            self._psk_schedule = None
             hello = ClientHello(self._random, self._session_id, suites, self._build_extensions(None))
-            self._hello = hello
+            self._hello, self._answerable = hello, None
             self._send_handshake(hello)
             return
         assert self._offer is not None
@@ -451,6 +459,7 @@ class TLSClient:
         truncated = raw[: len(raw) - ext.binders_length(placeholder)]
         schedule = KeySchedule(self._offer.psk_suite)
         schedule.extract_early(self._offer.key)
+        self._psk_schedule = schedule
         binder_key = schedule.binder_key(external=True)
         binder = schedule.finished_verify_data(binder_key, self._binder_hash(psk_params.hash_algorithm(),
                                                                              truncated))
@@ -459,7 +468,7 @@ class TLSClient:
         raw = raw[: len(raw) - len(binder)] + binder
         psk = extensions[-1]
         extensions[-1] = ext.Extension(psk.type, psk.data[: len(psk.data) - len(binder)] + binder)
-        self._hello = ClientHello(self._random, self._session_id, suites, extensions)
+        self._hello, self._answerable = ClientHello(self._random, self._session_id, suites, extensions), None
         self._transcript.update(raw)
         self._outgoing += self._records.seal(HANDSHAKE, raw)
 
@@ -567,9 +576,12 @@ class TLSClient:
 
     def _check_extensions(self, extensions: list[ext.Extension], allowed: frozenset[int]) -> None:
         assert self._hello is not None
-        offered = {e.type for e in self._hello.extensions} | {ET.cookie}   # a server may start a cookie
-        if ET.qkd_reference_request in offered:
-            offered.add(ET.qkd_reference_ack)   # the reference server answers 0xFEA6 with 0xFEA7
+        offered = self._answerable
+        if offered is None:
+            offered = {e.type for e in self._hello.extensions} | {ET.cookie}   # a server may start a cookie
+            if ET.qkd_reference_request in offered:
+                offered.add(ET.qkd_reference_ack)   # the reference server answers 0xFEA6 with 0xFEA7
+            self._answerable = offered
         for extension in extensions:
             if extension.type not in offered:
                 raise UnsupportedExtension(f"extension {extension.type:#x} was not offered")
@@ -632,8 +644,12 @@ class TLSClient:
         if not self._retried:
             self._transcript.set_algorithm(params(suite).hash_algorithm())
         self._transcript.update(raw)
-        schedule = KeySchedule(suite)
-        schedule.extract_early(psk)
+        if psk is not None and self._psk_schedule is not None:
+            schedule = self._psk_schedule.with_suite(suite)   # hash checked above
+        else:
+            schedule = KeySchedule(suite)
+            schedule.extract_early(psk)
+        self._psk_schedule = None
         schedule.extract_handshake(share.exchange(server_share))
         self._schedule = schedule
         self._client_hs, self._server_hs = schedule.handshake_traffic_secrets(self._transcript.digest())
@@ -869,6 +885,15 @@ def _constant_extensions(
         ext.Extension(ET.supported_groups, ext.encode_u16_list([int(g) for g in groups])),
         ext.Extension(ET.signature_algorithms, ext.encode_u16_list(list(schemes))),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _server_name_extension(name: str) -> ext.Extension | None:
+    """server_name for a host name, None for an IP address (RFC 6066 §3 forbids literal addresses);
+    clients connect to the same few names again and again, so each is encoded once."""
+    if _is_ip_address(name):
+        return None
+    return ext.Extension(ET.server_name, ext.encode_server_name(name))
 
 
 def _is_ip_address(name: str) -> bool:

@@ -179,10 +179,8 @@ def decode_supported_versions_server(data: bytes) -> int:
 
 # key_share (§4.2.8)
 def encode_key_share_client(shares: Sequence[tuple[int, bytes]]) -> bytes:
-    inner = Writer()
-    for group, key in shares:
-        inner.u16(group).opaque16(key)
-    return Writer().opaque16(inner.getvalue()).getvalue()
+    entries = b"".join(encode_key_share_server(group, key) for group, key in shares)
+    return Writer().opaque16(entries).getvalue()
 
 
 def decode_key_share_client(data: bytes) -> list[tuple[int, bytes]]:
@@ -202,7 +200,10 @@ def decode_key_share_client(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def encode_key_share_server(group: int, key: bytes) -> bytes:
-    return Writer().u16(group).opaque16(key).getvalue()
+    """One KeyShareEntry (also each entry of the client's list)."""
+    if len(key) > 0xFFFF:
+        raise ValueError("key share longer than 2^16 - 1 bytes")
+    return _EXT_HEADER.pack(group, len(key)) + key
 
 
 def decode_key_share_server(data: bytes) -> tuple[int, bytes]:

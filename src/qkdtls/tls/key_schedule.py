@@ -15,31 +15,32 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from .alerts import InternalError
 from .suites import CipherSuite, params
 
-
-# HkdfLabel prefixes (length, "tls13 " + label) by (label, length): a handshake expands about 18 labels per
-# side, all from a handful of constants, so each prefix is built once. Bounded so that exporter labels chosen
-# by applications cannot grow it without limit.
-_LABEL_PREFIXES: dict[tuple[bytes, int], bytes] = {}
-_MAX_LABEL_PREFIXES = 64
+# HkdfLabel encodings by (label, length): the prefix (length, "tls13 " + label) and the whole info for an
+# empty context (key, iv, finished, traffic upd). A handshake expands about 18 labels per side, all from a
+# handful of constants, so each is built once. Bounded so that exporter labels chosen by applications cannot
+# grow it without limit.
+_LABELS: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+_MAX_LABELS = 64
 
 
 def hkdf_extract(algorithm: hashes.HashAlgorithm, salt: bytes, ikm: bytes) -> bytes:
     return HKDF.extract(algorithm, salt or bytes(algorithm.digest_size), ikm)
 
 
-def _label_prefix(label: bytes, length: int) -> bytes:
+def _encode_label(label: bytes, length: int) -> tuple[bytes, bytes]:
     full_label = b"tls13 " + label
     prefix = length.to_bytes(2, "big") + bytes((len(full_label),)) + full_label
-    if len(_LABEL_PREFIXES) < _MAX_LABEL_PREFIXES:
-        _LABEL_PREFIXES[(label, length)] = prefix
-    return prefix
+    encoded = prefix, prefix + b"\x00"
+    if len(_LABELS) < _MAX_LABELS:
+        _LABELS[(label, length)] = encoded
+    return encoded
 
 
 def hkdf_expand_label(
     algorithm: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
 ) -> bytes:
-    prefix = _LABEL_PREFIXES.get((label, length)) or _label_prefix(label, length)
-    info = prefix + bytes((len(context),)) + context
+    prefix, empty_context_info = _LABELS.get((label, length)) or _encode_label(label, length)
+    info = prefix + bytes((len(context),)) + context if context else empty_context_info
     return HKDFExpand(algorithm, length, info).derive(secret)
 
 
@@ -133,6 +134,15 @@ class KeySchedule:
             raise InternalError("early secret already extracted")
         self._secret = hkdf_extract(self.algorithm, b"", psk or bytes(self.hash_length))
         self._stage = "early"
+
+    def with_suite(self, suite: CipherSuite) -> KeySchedule:
+        """A schedule for ``suite`` starting from this one's early secret (same hash): the client computes
+        the early secret once for the binder and keeps it when the server selects the PSK."""
+        other = KeySchedule(suite)
+        if other.params.hash_name != self.params.hash_name:
+            raise InternalError("the early secret belongs to another hash")
+        other._secret, other._stage = self._require("early"), "early"
+        return other
 
     def binder_key(self, external: bool = True) -> bytes:
         label = b"ext binder" if external else b"res binder"

@@ -21,7 +21,6 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 
 from .alerts import BadRecordMac, DecodeError, InternalError, RecordOverflow, UnexpectedMessage
-from .buffer import Writer
 from .suites import CipherSuite, params
 
 CHANGE_CIPHER_SPEC = 20

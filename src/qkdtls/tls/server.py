@@ -113,6 +113,9 @@ log = logging.getLogger(__name__)
 # easily, and the bound keeps a peer from making the server buffer without limit.
 MAX_FIRST_FLIGHT = 1 << 16
 TLS13 = 0x0304
+_SUPPORTED_VERSIONS = ext.Extension(ext.ET.supported_versions, ext.encode_supported_versions_server(TLS13))
+_QKD_REKEY = ext.Extension(EXT_QKD_REKEY, b"")
+_QKD_KEY_ANNOUNCE = ext.Extension(EXT_QKD_KEY_ANNOUNCE, b"")
 
 
 class State(enum.Enum):
@@ -457,11 +460,9 @@ class TLSServer:
 
     def _psk_suite(self, hello: ClientHello, binder_length: int) -> CipherSuite | None:
         """The client's first suite we enable whose hash is the PSK's (the binder length tells which)."""
+        enabled = set(self.config.cipher_suites)
         for value in hello.cipher_suites:
-            if (
-                value in {int(s) for s in self.config.cipher_suites}
-                and params(value).hash_length == binder_length
-            ):
+            if value in enabled and params(value).hash_length == binder_length:
                 return CipherSuite(value)
         return None
 
@@ -615,7 +616,7 @@ class TLSServer:
             hello.legacy_session_id,
             int(suite),
             [
-                ext.Extension(ext.ET.supported_versions, ext.encode_supported_versions_server(TLS13)),
+                _SUPPORTED_VERSIONS,
                 ext.Extension(ext.ET.key_share, ext.encode_key_share_server(int(group), server_share)),
                 ext.Extension(ext.ET.pre_shared_key, ext.encode_selected_identity(self._offer.psk_index)),
             ],
@@ -626,9 +627,9 @@ class TLSServer:
         self._enter_handshake_keys(hello, shared_secret)
         extensions = self._common_encrypted_extensions()
         if self._rekey:
-            extensions.append(ext.Extension(EXT_QKD_REKEY, b""))
+            extensions.append(_QKD_REKEY)
         if self._announce:
-            extensions.append(ext.Extension(EXT_QKD_KEY_ANNOUNCE, b""))
+            extensions.append(_QKD_KEY_ANNOUNCE)
         self._send_protected_handshake(EncryptedExtensions(extensions).to_bytes())
         self._send_server_finished()
         self._records.allow_ccs = True
