@@ -210,6 +210,7 @@ class KeySource:
         self.announced = AnnouncedKeys()
         self.collected = CollectedKeys()
         self._collector: ThreadPoolExecutor | None = None
+        self._closing = False
         # Held while a pooled key is taken (never across a KME request): see _take_pooled.
         self._pool_lock = threading.Lock()
 
@@ -341,7 +342,8 @@ class KeySource:
         try:
             container = self._kme.dec_keys(master_sae_id, key_ids)
         except Exception as exc:  # any failure: the handshakes that need these keys ask the KME themselves
-            log.warning(
+            # A collection cut short by close() is expected at shutdown, not worth a warning.
+            (log.debug if self._closing else log.warning)(
                 "announced keys not collected",
                 extra={"event": "tls.announce_not_collected", "master_SAE_ID": master_sae_id,
                        "count": len(key_ids), "reason": str(exc)},
@@ -402,6 +404,7 @@ class KeySource:
     def close(self) -> None:
         """Stop the background collector (keys being collected are then asked for by their handshakes)."""
         with self._lock:
+            self._closing = True
             collector, self._collector = self._collector, None
         if collector is not None:
             collector.shutdown(wait=False, cancel_futures=True)
