@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,46 +165,44 @@ def python_client(port: int, ca: Path, data: bytes, timeout: float = DEFAULT_TIM
         return b"".join(chunks)
 
 
-def tlslite_client(port: int, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, bytes]:
-    """tlslite-ng (pure Python TLS 1.3) as a client: (negotiated version name, response)."""
-    from tlslite import HandshakeSettings, TLSConnection
+def _tlslite_exchange(
+    port: int, data: bytes, timeout: float, settings: Any, fact: Callable[[Any], str]
+) -> tuple[str, bytes]:
+    """A tlslite-ng TLS 1.3 client session: (``fact`` of the connection read after the handshake, since
+    tlslite forgets it on close; the response until the server closes)."""
+    from tlslite import TLSConnection
 
-    settings = HandshakeSettings()
     settings.minVersion = (3, 4)
     settings.maxVersion = (3, 4)
     with socket.create_connection((HOST, port), timeout=timeout) as raw:
         conn = TLSConnection(raw)
         conn.handshakeClientCert(settings=settings, serverName="localhost")
-        version = conn.getVersionName()
+        negotiated = fact(conn)
         conn.write(data)
         chunks = []
         while chunk := conn.read():
             chunks.append(bytes(chunk))
         conn.close()
-        return version, b"".join(chunks)
+        return negotiated, b"".join(chunks)
+
+
+def tlslite_client(port: int, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, bytes]:
+    """tlslite-ng (pure Python TLS 1.3) as a client: (negotiated version name, response)."""
+    from tlslite import HandshakeSettings
+
+    return _tlslite_exchange(port, data, timeout, HandshakeSettings(), lambda conn: conn.getVersionName())
 
 
 def tlslite_psk_client(
     port: int, identity: bytes, key: bytes, data: bytes, timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[str, bytes]:
     """tlslite-ng with an external PSK (SHA-256, psk_dhe_ke only): (cipher suite name, response)."""
-    from tlslite import HandshakeSettings, TLSConnection
+    from tlslite import HandshakeSettings
 
     settings = HandshakeSettings()
-    settings.minVersion = (3, 4)
-    settings.maxVersion = (3, 4)
     settings.pskConfigs = [(identity, key, "sha256")]
     settings.psk_modes = ["psk_dhe_ke"]
-    with socket.create_connection((HOST, port), timeout=timeout) as raw:
-        conn = TLSConnection(raw)
-        conn.handshakeClientCert(settings=settings, serverName="localhost")
-        cipher = conn.getCipherName()
-        conn.write(data)
-        chunks = []
-        while chunk := conn.read():
-            chunks.append(bytes(chunk))
-        conn.close()
-        return cipher, b"".join(chunks)
+    return _tlslite_exchange(port, data, timeout, settings, lambda conn: conn.getCipherName())
 
 
 class OneShotServer:
