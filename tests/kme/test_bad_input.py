@@ -251,16 +251,38 @@ async def test_inter_kme_interface_identifies_the_calling_kme(pair: Pair, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "message"),
     [
-        b"GARBAGE\r\n\r\n",
-        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: kme\r\n\r\n",
-        b"POST /api/v1/keys/2001/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Length: abc\r\n\r\n",
-        b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\nX: " + b"b" * 9000 + b"\r\n\r\n",
+        (b"GARBAGE\r\n\r\n", "malformed HTTP request"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: kme\r\n\r\n", "request target too long"),
+        (
+            b"POST /api/v1/keys/2001/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Length: abc\r\n\r\n",
+            "malformed HTTP request",
+        ),
+        (
+            b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\nX: " + b"b" * 9000 + b"\r\n\r\n",
+            "header field too long",
+        ),
+        (
+            b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\n"
+            + b"".join(b"X-%d: %s\r\n" % (i, b"c" * 4000) for i in range(9))
+            + b"\r\n",
+            "request headers too large",
+        ),
+        (
+            b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(120))
+            + b"\r\n",
+            "too many header fields",
+        ),
+        (
+            b"POST /api/v1/keys/2001/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Length: 99999999\r\n\r\n",
+            "request body too large",
+        ),
     ],
-    ids=["method", "long-line", "content-length", "long-header"],
+    ids=["method", "long-line", "content-length", "long-header", "many-bytes", "many-fields", "huge-body"],
 )
-async def test_malformed_http_gets_a_json_400(pair: Pair, raw: bytes) -> None:
+async def test_malformed_http_gets_a_json_400(pair: Pair, raw: bytes, message: str) -> None:
     bed = pair.testbed
     ctx = tls_client_context(*bed.sae_credentials(1001))
     reader, writer = await asyncio.open_connection("127.0.0.1", bed.kmes[1].sae_port, ssl=ctx)
@@ -272,4 +294,22 @@ async def test_malformed_http_gets_a_json_400(pair: Pair, raw: bytes) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400")
     assert b"Content-Type: application/json" in head
-    assert json.loads(body) == {"message": "malformed HTTP request"}
+    assert json.loads(body) == {"message": message}
+
+
+async def test_upgrade_request_is_answered_without_upgrading_then_closed(pair: Pair) -> None:
+    bed = pair.testbed
+    ctx = tls_client_context(*bed.sae_credentials(1001))
+    reader, writer = await asyncio.open_connection("127.0.0.1", bed.kmes[1].sae_port, ssl=ctx)
+    try:
+        writer.write(
+            b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: kme\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+            b"\x00\x01not http"
+        )
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in head
+    assert json.loads(body) == {"SAE_ID": 1001, "KME_ID": 1}

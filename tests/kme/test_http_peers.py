@@ -34,8 +34,8 @@ async def test_reserve_commits_then_refuses_the_same_blocks(pair: Pair) -> None:
         with pytest.raises(PeerRejected):
             await gateway.reserve(1, _reservation((1,)))
         # Kept alive: both calls used one connection.
-        session = gateway._sessions[1]
-        assert session.connector is not None and len(session.connector._conns) == 1  # type: ignore[attr-defined]
+        client, _ = gateway._clients[1]
+        assert client.connections_opened == 1
     finally:
         await gateway.close()
     stock = (await pair.admins[1].get("/api/v1/admin/links")).json["links"]
@@ -71,8 +71,8 @@ async def test_concurrent_reservations_travel_as_one_batch(pair: Pair) -> None:
         )
         assert sum(isinstance(o, PeerRejected) for o in outcomes) == 1
         assert sum(o is None for o in outcomes) == 4
-        session = gateway._sessions[1]
-        assert session.connector is not None and len(session.connector._conns) == 1  # type: ignore[attr-defined]
+        client, _ = gateway._clients[1]
+        assert client.connections_opened == 1
     finally:
         await gateway.close()
     metrics = (await pair.admins[1].get("/metrics")).body.decode()

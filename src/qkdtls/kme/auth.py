@@ -15,9 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from aiohttp import web
 from cryptography import x509
 
+from qkdtls.http11.server import Request
 from qkdtls.kme.config import CertIdentity
 
 
@@ -41,7 +41,7 @@ def _parse(der: bytes) -> PeerCertificate | None:
 _BY_CONNECTION: weakref.WeakKeyDictionary[object, PeerCertificate | None] = weakref.WeakKeyDictionary()
 
 
-def peer_certificate(request: web.BaseRequest) -> PeerCertificate | None:
+def peer_certificate(request: Request) -> PeerCertificate | None:
     """The verified client certificate of the request's connection, or None when the client sent none."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None

@@ -6,7 +6,8 @@ so one KME cannot reserve blocks of a link it is not part of. The body is one re
 (``Reservation.to_json()``), answered by the HTTP status, or a batch ``{"reservations": [...]}``, answered
 200 with one ``{"status", "message"}`` per reservation in order.
 
-Client side: :class:`HttpPeerGateway`, one kept-alive aiohttp session per peer with a bounded total timeout.
+Client side: :class:`HttpPeerGateway`, a pool of kept-alive mutual-TLS connections per peer
+(:class:`qkdtls.http11.client.HttpClient`) with a bounded total timeout.
 Reservations made while another is on the wire are sent together as one batch: under load one request
 (and one commit at the peer) carries many keys, without delaying a lone request. Outcomes the master KME
 must tell apart (docs/design.md, key lifecycle):
@@ -23,19 +24,19 @@ import asyncio
 import json
 import logging
 import ssl
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
+from qkdtls.http11.client import HttpClient, HttpClientError
+from qkdtls.http11.server import Request, Response, Router
 from qkdtls.kme.auth import IdentityMap, client_context, peer_certificate
 from qkdtls.kme.config import Peer
 from qkdtls.kme.errors import BadRequestError, KmeError, PeerRejected, PeerUnavailable, UnauthorizedError
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.reservation import Reservation
-from qkdtls.kme.routes import MSG_INTERNAL, error_middleware, json_response, parse_json_body
+from qkdtls.kme.routes import MSG_INTERNAL, guard, json_response, parse_json_body
 from qkdtls.kme.service import KmeService
 
 log = logging.getLogger("qkdtls.kme.peers")
@@ -67,18 +68,16 @@ class InterKmeApi:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
 
-    def app(self) -> web.Application:
-        # A reservation of max_key_per_request keys of max_key_size bits lists a few thousand block numbers.
-        middleware = error_middleware(self.metrics, INTER_KME_STATUSES)
-        app = web.Application(middlewares=[middleware], client_max_size=self.max_body_bytes)
-        app.router.add_post(RESERVATIONS_PATH, self.reserve)
-        return app
+    def router(self) -> Router:
+        router = Router()
+        router.add("POST", RESERVATIONS_PATH, guard(self.reserve, INTER_KME_STATUSES))
+        return router
 
-    async def reserve(self, request: web.Request) -> web.Response:
+    async def reserve(self, request: Request) -> Response:
         caller = self.peers.lookup(peer_certificate(request))
         if caller is None:
             raise UnauthorizedError(MSG_NOT_A_PEER)
-        doc = parse_json_body(await request.read())
+        doc = parse_json_body(request.body)
         if isinstance(doc, dict) and "reservations" in doc:
             return await self._reserve_batch(caller, doc["reservations"])
         reservation = Reservation.from_json(doc)
@@ -87,7 +86,7 @@ class InterKmeApi:
         self._count(reservation)
         return json_response({"message": "reserved", "keys": len(reservation.keys)})
 
-    async def _reserve_batch(self, caller: int, items: Any) -> web.Response:
+    async def _reserve_batch(self, caller: int, items: Any) -> Response:
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
             raise BadRequestError(f"reservations must be an array of 1 to {MAX_BATCH} reservations")
         parsed: list[Reservation | KmeError] = []
@@ -136,27 +135,28 @@ class HttpPeerGateway:
 
     def __init__(self, peers: Sequence[Peer]) -> None:
         self._peers = {p.kme_id: p for p in peers}
-        self._sessions: dict[int, aiohttp.ClientSession] = {}
-        self._contexts: dict[int, ssl.SSLContext] = {}
+        self._clients: dict[int, tuple[HttpClient, str]] = {}
         self._queues: dict[int, _PeerQueue] = {}
         self._senders: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    def _session(self, peer: Peer) -> aiohttp.ClientSession:
-        session = self._sessions.get(peer.kme_id)
-        if session is None or session.closed:
-            if peer.kme_id not in self._contexts:
-                self._contexts[peer.kme_id] = client_context(peer.client_cert, peer.client_key, peer.ca)
-            connector = aiohttp.TCPConnector(
-                ssl=self._contexts[peer.kme_id], limit=MAX_IN_FLIGHT, keepalive_timeout=30.0
+    def _client(self, peer: Peer) -> tuple[HttpClient, str]:
+        """The peer's connection pool and the reservations path (its URL may carry a prefix: a proxy)."""
+        known = self._clients.get(peer.kme_id)
+        if known is None:
+            url = urllib.parse.urlsplit(peer.url)
+            client = HttpClient(
+                url.hostname or "",
+                url.port or 443,
+                ssl=client_context(peer.client_cert, peer.client_key, peer.ca),
+                server_hostname=peer.server_name,
+                max_connections=MAX_IN_FLIGHT,
+                timeout=peer.timeout,
+                default_headers={"Content-Type": "application/json"},
             )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=peer.timeout, connect=peer.timeout),
-                skip_auto_headers=("User-Agent",),
-            )
-            self._sessions[peer.kme_id] = session
-        return session
+            known = self._clients[peer.kme_id] = (client, url.path.rstrip("/") + RESERVATIONS_PATH)
+        return known
 
     async def reserve(self, peer_kme_id: int, reservation: Reservation) -> None:
         if self._closed:
@@ -165,12 +165,15 @@ class HttpPeerGateway:
         if peer is None:
             raise PeerUnavailable(f"no inter-KME route to KME {peer_kme_id}")
         body = json.dumps(reservation.to_json(), separators=(",", ":")).encode()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # once: it costs a getpid() system call
+        future: asyncio.Future[None] = loop.create_future()
         queue = self._queues.setdefault(peer_kme_id, _PeerQueue())
         queue.waiting.append((body, future))
         if queue.senders < MAX_IN_FLIGHT:
             queue.senders += 1
-            task = asyncio.create_task(self._send(peer, queue), name=f"kme-peer-{peer_kme_id}")
+            task = loop.create_task(self._send(peer, queue), name=f"kme-peer-{peer_kme_id}")
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
         # Cancelling the caller cancels the future; a reservation not yet sent is then dropped.
@@ -208,16 +211,11 @@ class HttpPeerGateway:
 
     async def _post(self, peer: Peer, bodies: list[bytes]) -> list[Exception | None]:
         data = b'{"reservations":[' + b",".join(bodies) + b"]}"
-        kwargs: dict[str, Any] = {"headers": {"Content-Type": "application/json"}}
-        if peer.server_name:
-            kwargs["server_hostname"] = peer.server_name
         try:
-            async with self._session(peer).post(
-                peer.url + RESERVATIONS_PATH, data=data, **kwargs
-            ) as response:
-                status = response.status
-                answer = await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            client, path = self._client(peer)
+            response = await client.request("POST", path, data)
+            status, answer = response.status, response.body
+        except (HttpClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             log.warning(
                 "peer KME unreachable",
                 extra={"event": "peer.unavailable", "peer_KME_ID": peer.kme_id, "error": type(exc).__name__},
@@ -246,9 +244,9 @@ class HttpPeerGateway:
                 if not future.done():
                     future.set_exception(PeerUnavailable("the KME is shutting down"))
             queue.waiting.clear()
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            await session.close()
+        clients, self._clients = list(self._clients.values()), {}
+        for client, _ in clients:
+            await client.close()
 
 
 def _outcomes(peer_kme_id: int, answer: bytes, count: int) -> list[Exception | None]:

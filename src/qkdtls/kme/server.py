@@ -17,14 +17,13 @@ import signal
 import ssl
 from pathlib import Path
 
-from aiohttp import web
-
+from qkdtls.http11.server import HttpServer, Router, ServerLimits
 from qkdtls.kme.auth import IdentityMap, server_context
 from qkdtls.kme.config import KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.peers import HttpPeerGateway, InterKmeApi
-from qkdtls.kme.routes import AccessLogger, JsonErrorRequestHandler, SaeApi
+from qkdtls.kme.routes import SaeApi, error_response, response_observer
 from qkdtls.kme.service import KmeService
 from qkdtls.kme.store import KeyStore, open_store
 
@@ -33,65 +32,24 @@ log = logging.getLogger("qkdtls.kme.server")
 SHUTDOWN_TIMEOUT = 5.0
 
 
-class _TlsSite(web.TCPSite):
-    """A TCPSite whose TLS handshakes have a deadline (asyncio's default is 60 s)."""
-
-    __slots__ = ("_handshake_timeout",)
-
-    def __init__(
-        self,
-        runner: web.BaseRunner,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext,
-        handshake_timeout: float,
-    ) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=512, reuse_address=True)
-        self._handshake_timeout = handshake_timeout
-
-    async def start(self) -> None:
-        # Same as TCPSite.start, plus the handshake deadline (each handshake runs in its own task) and a
-        # request handler whose answers to malformed HTTP are JSON too.
-        self._runner._reg_site(self)
-        server = self._runner.server
-        assert server is not None
-        loop = asyncio.get_running_loop()
-
-        def protocol() -> JsonErrorRequestHandler:
-            return JsonErrorRequestHandler(server, loop=loop, **server._kwargs)
-
-        self._server = await loop.create_server(
-            protocol,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            ssl_handshake_timeout=self._handshake_timeout,
-        )
-        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
-
-
 class KmeServer:
     def __init__(self, config: KmeConfig) -> None:
         self.config = config
         self.service: KmeService | None = None
         self.metrics = KmeMetrics(config.kme_id) if config.metrics else None
         self._gateway: HttpPeerGateway | None = None
-        self._runners: list[web.AppRunner] = []
-        self._sites: dict[str, _TlsSite] = {}
+        self._servers: dict[str, HttpServer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._store: KeyStore | None = None
 
     @property
     def sae_port(self) -> int:
-        return self._sites["sae"].port
+        return self._servers["sae"].port
 
     @property
     def inter_kme_port(self) -> int | None:
-        site = self._sites.get("inter_kme")
-        return site.port if site is not None else None
+        server = self._servers.get("inter_kme")
+        return server.port if server is not None else None
 
     async def start(self) -> None:
         cfg = self.config
@@ -128,11 +86,12 @@ class KmeServer:
         listen = cfg.sae_interface.listen
         await self._listen(
             "sae",
-            sae_api.app(),
+            sae_api.router(),
             listen.host,
             listen.port,
             server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=False),
             cfg.sae_interface.handshake_timeout,
+            cfg.sae_interface.max_body_bytes,
         )
         if cfg.inter_kme is not None:
             peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers])
@@ -140,11 +99,12 @@ class KmeServer:
             listen = cfg.inter_kme.listen
             await self._listen(
                 "inter_kme",
-                inter_api.app(),
+                inter_api.router(),
                 listen.host,
                 listen.port,
                 server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=True),
                 cfg.inter_kme.handshake_timeout,
+                inter_api.max_body_bytes,
             )
 
         self._tasks.append(asyncio.create_task(self._run_ingestor(ingestor), name="kme-ingest"))
@@ -163,24 +123,21 @@ class KmeServer:
     async def _listen(
         self,
         name: str,
-        app: web.Application,
+        router: Router,
         host: str,
         port: int,
         ctx: ssl.SSLContext,
         handshake_timeout: float,
+        max_body_bytes: int,
     ) -> None:
-        runner = web.AppRunner(
-            app,
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger(f"qkdtls.kme.access.{name}"),
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
-            handle_signals=False,
+        server = HttpServer(
+            router,
+            error_response=error_response,
+            observer=response_observer(self.metrics, logging.getLogger(f"qkdtls.kme.access.{name}")),
+            limits=ServerLimits(max_body_bytes=max_body_bytes),
         )
-        await runner.setup()
-        self._runners.append(runner)
-        site = _TlsSite(runner, host, port, ssl_context=ctx, handshake_timeout=handshake_timeout)
-        await site.start()
-        self._sites[name] = site
+        await server.start(host, port, ssl_context=ctx, handshake_timeout=handshake_timeout)
+        self._servers[name] = server
 
     async def _run_ingestor(self, ingestor: Ingestor) -> None:
         try:
@@ -211,11 +168,10 @@ class KmeServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        for runner in reversed(self._runners):
+        servers, self._servers = list(self._servers.values()), {}
+        for server in reversed(servers):
             with contextlib.suppress(Exception):
-                await runner.cleanup()
-        self._runners.clear()
-        self._sites.clear()
+                await server.close(SHUTDOWN_TIMEOUT)
         if self._gateway is not None:
             await self._gateway.close()
             self._gateway = None

@@ -93,6 +93,8 @@ class SqlKeyStore(KeyStore):
         self.holder = secrets.token_hex(8)
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # The loop of the first operation; a store serves one event loop (like the KME that owns it).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     # -- plumbing -------------------------------------------------------------------------------------------
@@ -166,10 +168,14 @@ class SqlKeyStore(KeyStore):
     async def _do(self, op: Callable[[Tx], T]) -> T:
         if self._closed:
             raise StoreUnavailable("key store is closed")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # Looked up once, not per operation: get_running_loop() makes a getpid() system call each time.
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         self._pending.append((op, fut))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = loop.create_task(self._flush())
         return await fut
 
     async def _flush(self) -> None:

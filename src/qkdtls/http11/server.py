@@ -1,0 +1,536 @@
+"""A lean HTTP/1.1 server for JSON APIs over (mutual) TLS: asyncio protocols plus the httptools parser.
+
+Why not a web framework: the KME answers three requests per key cycle (the master's ``enc_keys``, the
+peer KME's reservation, the slave's ``dec_keys``) and its CPU per cycle is what operators size hardware by.
+aiohttp's request, router, middleware and response objects cost about 90 µs of CPU per kept-alive mTLS
+request on this hardware; a protocol that parses with httptools (the maintained binding of llhttp, the
+parser of Node.js) and writes the answer in one buffer costs about a third of that. What a JSON API needs
+is small, and it is all here:
+
+- HTTP/1.1 keep-alive and pipelining (answers in request order), HTTP/1.0, ``Expect: 100-continue``,
+  chunked request bodies (decoded by the parser), origin- and absolute-form request targets;
+- limits on the request head (line plus headers), the header count and the body, each answered with 400
+  and the connection closed; malformed HTTP answered with 400 (never a traceback, never a hang);
+- a deadline for reading each request (slow or stalled senders), an idle timeout for kept-alive
+  connections, back-pressure (a client that does not read its answers stops being read), TCP_NODELAY;
+- clean shutdown: stop accepting, let requests in progress answer (bounded), close the rest.
+
+The statuses the server chooses itself are 400 (the client's fault: malformed, no such route, method not
+allowed, too large) and 503 (a handler failed); the error bodies come from the application
+(``error_response``) so that every answer of an API has that API's format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+
+log = logging.getLogger("qkdtls.http11.server")
+
+UNMATCHED = "unmatched"
+MSG_MALFORMED = "malformed HTTP request"
+MSG_TOO_LARGE = "request body too large"
+MSG_URL_TOO_LONG = "request target too long"
+MSG_FIELD_TOO_LONG = "header field too long"
+MSG_HEAD_TOO_LARGE = "request headers too large"
+MSG_INTERNAL = "internal error of the server; the request can be retried"
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEAD = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\nServer: qkdtls\r\n"
+
+
+@dataclass(slots=True)
+class Request:
+    """One complete request. ``params`` holds the route's ``{name}`` segments, percent-decoded."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: dict[str, str]
+    body: bytes
+    transport: asyncio.BaseTransport
+    route: str = UNMATCHED
+    params: dict[str, str] = field(default_factory=dict)
+
+    def query(self) -> list[tuple[str, str]]:
+        """Query parameters in order, repeated names kept, blank values kept."""
+        if not self.query_string:
+            return []
+        return parse_qsl(self.query_string, keep_blank_values=True)
+
+    @property
+    def remote(self) -> str | None:
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if peer else None
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorResponder = Callable[[int, str], Response]
+# Called once per answer (access log, metrics): the request (None for unparseable input), status, seconds.
+ResponseObserver = Callable[[Request | None, int, float], None]
+
+
+class RouteError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Router:
+    """Method + path → handler. Patterns are literal segments and ``{name}`` segments (one whole segment)."""
+
+    def __init__(self) -> None:
+        self._static: dict[str, dict[str, Handler]] = {}
+        self._dynamic: list[tuple[str, tuple[str, ...], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        segments = tuple(pattern.split("/"))
+        if any(s.startswith("{") for s in segments):
+            for _pattern, known_segments, methods in self._dynamic:
+                if known_segments == segments:
+                    methods[method] = handler
+                    return
+            self._dynamic.append((pattern, segments, {method: handler}))
+        else:
+            self._static.setdefault(pattern, {})[method] = handler
+
+    def routes(self) -> Iterable[str]:
+        yield from self._static
+        yield from (pattern for pattern, _, _ in self._dynamic)
+
+    def resolve(self, request: Request) -> Handler:
+        """The handler for ``request`` (sets ``route`` and ``params``); :class:`RouteError` if none."""
+        path = request.path
+        methods = self._static.get(path)
+        if methods is not None:
+            request.route = path
+        else:
+            raw = path.split("/")
+            for pattern, segments, candidate in self._dynamic:
+                if len(segments) != len(raw):
+                    continue
+                params: dict[str, str] = {}
+                for want, got in zip(segments, raw, strict=True):
+                    if want.startswith("{"):
+                        if not got:
+                            break
+                        params[want[1:-1]] = unquote(got)
+                    elif want != got:
+                        break
+                else:
+                    request.route, request.params, methods = pattern, params, candidate
+                    break
+        if methods is None:
+            raise RouteError(f"no such route: {path[:200]}")
+        handler = methods.get(request.method)
+        if handler is None:
+            raise RouteError(f"method {request.method[:16]} is not allowed on {path[:200]}")
+        return handler
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_target_bytes: int = 8190
+    max_field_bytes: int = 8190
+    max_head_bytes: int = 32768
+    max_headers: int = 100
+    max_body_bytes: int = 65536
+    # From a request's first byte to its last: bounds what a slow or stalled sender can hold.
+    request_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    max_pipelined: int = 16
+
+
+class _Abort(Exception):
+    """Raised inside parser callbacks to stop parsing this connection with a 400."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _Date:
+    """The Date header value, formatted once per second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def value(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests, runs their handlers one at a time, writes answers in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        # (request, keep the connection alive after it, the request was HTTP/1.0)
+        self._pending: collections.deque[tuple[Request, bool, bool]] = collections.deque()
+        self._busy = False
+        self._closing = False
+        self._close_when_answered = False
+        self._ignore_input = False
+        self._write_paused = False
+        self._read_paused = False
+        # Deadlines checked by the server's timer: reading a request, or idling between requests.
+        self.reading_since: float | None = None
+        self.idle_since = time.monotonic()
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+
+    # --- transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, though it has the same methods.
+        self.transport = cast(asyncio.Transport, transport)
+        # Looked up once per connection: get_running_loop() costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server.connections.discard(self)
+        self._pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._ignore_input:
+            return
+        try:
+            self._parser.feed_data(data)
+        except _Abort as exc:
+            self._fail(exc.message)
+        except httptools.HttpParserUpgrade:
+            # The request asking for the upgrade is complete and queued: answer it (ignoring the Upgrade,
+            # as RFC 9110 §7.8 allows) and close, since what follows it is not HTTP/1.1.
+            self._ignore_input = True
+            self._close_when_answered = True
+            if not self._busy and not self._pending:
+                self._close()
+        except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raises (our limits) in HttpParserCallbackError.
+            cause = exc.__cause__ or exc.__context__
+            self._fail(cause.message if isinstance(cause, _Abort) else MSG_MALFORMED)
+
+    def eof_received(self) -> bool | None:
+        # A client may half-close after its last request; answer what is in progress, then close.
+        if not self._busy and not self._pending:
+            return None  # the transport closes itself
+        self._close_when_answered = True
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._maybe_resume_reading()
+        if not self._busy and self._pending:
+            self._start_next()
+
+    # --- parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.reading_since = time.monotonic()
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_target_bytes:
+            raise _Abort(MSG_URL_TOO_LONG)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        field = len(name) + len(value) + 4
+        if field > self._limits.max_field_bytes:
+            raise _Abort(MSG_FIELD_TOO_LONG)
+        self._head_bytes += field
+        if self._head_bytes > self._limits.max_head_bytes:
+            raise _Abort(MSG_HEAD_TOO_LARGE)
+        if len(self._headers) >= self._limits.max_headers:
+            raise _Abort("too many header fields")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+            raise _Abort(MSG_TOO_LARGE)
+        if (
+            self._headers.get("expect", "").lower() == "100-continue"
+            and self._parser.get_http_version() == "1.1"
+            and self.transport is not None
+        ):
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Abort(MSG_TOO_LARGE)
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reading_since = None
+        assert self.transport is not None
+        url = self._url
+        if url[:1] == b"/":
+            path, _, query = url.partition(b"?")
+            path_text, query_text = path.decode("utf-8", "replace"), query.decode("utf-8", "replace")
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise _Abort("malformed request target") from None
+            path_text = (parsed.path or b"/").decode("utf-8", "replace")
+            query_text = (parsed.query or b"").decode("utf-8", "replace")
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        request = Request(
+            self._parser.get_method().decode("ascii", "replace"),
+            path_text,
+            query_text,
+            self._headers,
+            body,
+            self.transport,
+        )
+        self._reset_message()
+        parser = self._parser
+        self._pending.append((request, parser.should_keep_alive(), parser.get_http_version() == "1.0"))
+        if len(self._pending) > self._limits.max_pipelined:
+            self._pause_reading()
+        if not self._busy and not self._write_paused:
+            self._start_next()
+
+    # --- answering
+
+    def _start_next(self) -> None:
+        request, keep_alive, http10 = self._pending.popleft()
+        self._busy = True
+        self._maybe_resume_reading()
+        task = self._loop.create_task(self._answer(request, keep_alive, http10))
+        self._server.tasks.add(task)
+        task.add_done_callback(self._server.tasks.discard)
+
+    async def _answer(self, request: Request, keep_alive: bool, http10: bool) -> None:
+        server = self._server
+        started = time.perf_counter()
+        try:
+            handler = server.router.resolve(request)
+            response = await handler(request)
+        except RouteError as exc:
+            response = server.error_response(400, exc.message)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time for this request: answer it rather than drop the connection silently.
+            response = server.error_response(503, MSG_INTERNAL)
+            keep_alive = False
+        except Exception:
+            log.exception("request handler failed", extra={"event": "http.error", "route": request.route})
+            response = server.error_response(503, MSG_INTERNAL)
+        last = self._close_when_answered and not self._pending
+        keep_alive = keep_alive and not server.closing and not last
+        self._write(response, keep_alive, http10=http10, head_only=request.method == "HEAD")
+        if server.observer is not None:
+            server.observer(request, response.status, time.perf_counter() - started)
+        self._busy = False
+        self.idle_since = time.monotonic()
+        if not keep_alive:
+            self._close()
+        elif self._pending and not self._write_paused:
+            self._start_next()
+
+    def _write(
+        self, response: Response, keep_alive: bool, *, http10: bool = False, head_only: bool = False
+    ) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        body = response.body
+        status = response.status
+        head = _HEAD % (
+            status,
+            _REASONS.get(status, b"Unknown"),
+            response.content_type.encode("latin-1"),
+            len(body),
+            self._server.date.value(),
+        )
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        elif http10:
+            head += b"Connection: keep-alive\r\n"
+        transport.write(head + b"\r\n" if head_only else head + b"\r\n" + body)
+
+    def _fail(self, message: str) -> None:
+        """Answer unparseable input with 400 and close: after it the byte stream cannot be trusted."""
+        self._closing = True
+        self.reading_since = None
+        self._pending.clear()
+        server = self._server
+        if not self._busy:
+            response = server.error_response(400, message)
+            self._write(response, keep_alive=False)
+            if server.observer is not None:
+                server.observer(None, response.status, 0.0)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            self._read_paused
+            and not self._write_paused
+            and len(self._pending) <= self._limits.max_pipelined
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    # --- used by the server
+
+    @property
+    def busy(self) -> bool:
+        return self._busy or bool(self._pending)
+
+    def close_if_idle(self) -> None:
+        if not self.busy:
+            self._close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HttpServer:
+    """Serves ``router`` on one listening socket; :meth:`start` binds, :meth:`close` shuts down cleanly."""
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        error_response: ErrorResponder,
+        observer: ResponseObserver | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.router = router
+        self.error_response = error_response
+        self.observer = observer
+        self.limits = limits or ServerLimits()
+        self.connections: set[HttpConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.date = _Date()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._port = 0
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+        backlog: int = 512,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {"backlog": backlog, "reuse_address": True}
+        if ssl_context is not None:
+            kwargs["ssl"] = ssl_context
+            if handshake_timeout is not None:
+                kwargs["ssl_handshake_timeout"] = handshake_timeout
+        self._server = await loop.create_server(lambda: HttpConnection(self), host, port, **kwargs)
+        self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        self._timer = asyncio.create_task(self._enforce_timeouts(), name="http11-timeouts")
+
+    @property
+    def port(self) -> int:
+        """The bound port (also after :meth:`close`)."""
+        return self._port
+
+    async def _enforce_timeouts(self) -> None:
+        # One sweep a second, not a timer per request: the deadlines are seconds, timers cost CPU.
+        limits = self.limits
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.reading_since is not None:
+                    if now - conn.reading_since > limits.request_timeout:
+                        conn.abort()
+                elif not conn.busy and now - conn.idle_since > limits.keepalive_timeout:
+                    conn.close_if_idle()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let requests in progress answer for up to ``timeout`` seconds, close everything."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        deadline = time.monotonic() + timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self.tasks), timeout=max(deadline - time.monotonic(), 0))
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=1.0)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
