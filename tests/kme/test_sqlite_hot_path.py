@@ -13,6 +13,7 @@ import pytest
 from qkdtls.kme.store import LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store import sqlite as sqlite_store
 from qkdtls.kme.store.holds import VolatileHolds
+from qkdtls.kme.store.sql import LAZY_DELAY
 from qkdtls.kme.store.sqlite import SqliteKeyStore
 
 LINK = 2
@@ -85,13 +86,16 @@ async def test_holds_are_not_written_and_vanish_with_the_process(tmp_path: Path)
 async def test_holding_and_releasing_run_no_transaction(
     store: SqliteKeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await feed(store, os.urandom(32 * 8), "1.key")  # 4 blocks per direction: fits one read-ahead
-    await store.hold_blocks(LINK, 0, 1)  # the first hold reads ahead
+    await feed(store, os.urandom(32 * 16), "1.key")  # 8 blocks per direction
+    await store.hold_blocks(LINK, 0, 1)
+    extra = await store.hold_blocks(LINK, 0, 1)
     batches: list[int] = []
     real = store._run_batch
 
     def counting(ops):  # type: ignore[no-untyped-def]
-        batches.append(len(ops))
+        # Reading blocks ahead is a read-only transaction (no fsync): not counted.
+        if not all("_read_ahead" in op.__qualname__ for op in ops):
+            batches.append(len(ops))
         return real(ops)
 
     monkeypatch.setattr(store, "_run_batch", counting)
@@ -100,7 +104,28 @@ async def test_holding_and_releasing_run_no_transaction(
     held = await store.hold_blocks(LINK, 0, 3)
     assert batches == []  # no transaction, so no fsync, for volatile holds
     await store.consume_held(LINK, [b.seq for b in held])
-    assert batches == [1]  # consuming is durable: one transaction
+    assert batches == []  # the deletion waits for a commit to ride on...
+    assert await store.free_blocks(LINK, 0) == 8 - 1 - 3 - 1  # ...yet the blocks no longer count as free
+    assert batches == [2]  # the status read took the deletion along
+    await store.consume_held(LINK, [extra[0].seq])
+    await asyncio.sleep(LAZY_DELAY * 3)
+    assert batches == [2, 1]  # alone, it commits after LAZY_DELAY
+
+
+async def test_deferred_deletions_commit_before_close(tmp_path: Path) -> None:
+    path = str(tmp_path / "kme.sqlite3")
+    first = SqliteKeyStore(path)
+    await feed(first, os.urandom(32 * 8), "1.key")
+    held = await first.hold_blocks(LINK, 0, 4)
+    await first.consume_held(LINK, [b.seq for b in held])
+    await first.close()  # at once: the close commits the queued deletion
+    second = SqliteKeyStore(path)
+    try:
+        assert (await second.link_stats(LINK)).free_blocks == {0: 0, 1: 4}
+        with pytest.raises(ShortStock):
+            await second.hold_blocks(LINK, 0, 1)
+    finally:
+        await second.close()
 
 
 async def test_closed_store_refuses_holds_and_consumes(store: SqliteKeyStore) -> None:

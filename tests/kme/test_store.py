@@ -126,6 +126,9 @@ async def test_take_reserved_then_collect_once(store: KeyStore) -> None:
         )
     with pytest.raises(BlocksTaken):  # key ID reuse
         await store.take_reserved(LINK, 1, [NewKeySpec(kid, (5,))], 10, [20], 256, time.time() + 60)
+    with pytest.raises(BlocksTaken):  # key ID reuse by the second of two keys: the first is undone too
+        two = [NewKeySpec(random_key_id(), (5,)), NewKeySpec(kid, (7,))]
+        await store.take_reserved(LINK, 1, two, 10, [20], 256, time.time() + 60)
     stats = await store.link_stats(LINK)
     assert stats.free_blocks == {0: 4, 1: 2} and stats.reserved_keys == 1
     with pytest.raises(NotASlave):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from qkdtls.kme.service import LinkReport
 
@@ -14,6 +16,53 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # SAE requests take ~0.3 ms kept alive, a cross-KME enc_keys a few ms; a peer timeout is seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+_MAX_SERIES = 4096  # routes are fixed, but methods and statuses come from clients
+
+
+class RequestStats(Collector):
+    """Latency histogram and response counts per route, collected at scrape time.
+
+    Every request is observed; prometheus_client's Histogram and Counter children lock and walk their
+    buckets in Python on each call, which cost several µs per request. Plain integers do the same job and
+    are turned into metric families only when /metrics is read.
+    """
+
+    def __init__(self) -> None:
+        self._latency: dict[tuple[str, str], list[float]] = {}  # bucket counts..., +Inf count, sum
+        self._responses: dict[tuple[str, str], int] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "other"
+        entry = self._latency.get((route, method))
+        if entry is None:
+            if len(self._latency) >= _MAX_SERIES:
+                return
+            entry = self._latency[(route, method)] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        entry[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        entry[-1] += seconds
+        key = (route, str(status))
+        if key in self._responses or len(self._responses) < _MAX_SERIES:
+            self._responses[key] = self._responses.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        latency = HistogramMetricFamily(
+            "qkdtls_kme_request_seconds", "SAE and inter-KME request latency", labels=("route", "method")
+        )
+        for (route, method), entry in sorted(self._latency.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), entry[:-1], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric((route, method), buckets, entry[-1])
+        yield latency
+        responses = CounterMetricFamily(
+            "qkdtls_kme_responses", "Responses by route and status", labels=("route", "status")
+        )
+        for (route, status), count in sorted(self._responses.items()):
+            responses.add_metric((route, status), count)
+        yield responses
 
 
 class KmeMetrics:
@@ -33,16 +82,8 @@ class KmeMetrics:
         self.reservations_accepted = Counter(
             "qkdtls_kme_reservations_accepted", "Keys reserved on request of a peer KME", registry=r
         )
-        self.latency = Histogram(
-            "qkdtls_kme_request_seconds",
-            "SAE and inter-KME request latency",
-            ("route", "method"),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.responses = Counter(
-            "qkdtls_kme_responses", "Responses by route and status", ("route", "status"), registry=r
-        )
+        self.requests = RequestStats()
+        r.register(self.requests)
         self.stock_blocks = Gauge(
             "qkdtls_kme_stock_blocks",
             "Free key blocks per link and direction",
@@ -67,17 +108,9 @@ class KmeMetrics:
         self.imported_bytes = Gauge(
             "qkdtls_kme_imported_bytes", "Key bytes imported per link", ("peer_kme",), registry=r
         )
-        # labels() validates and locks on every call; a KME has a handful of (route, method, status).
-        self._per_request: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        children = self._per_request.get((route, method, status))
-        if children is None:
-            children = (self.latency.labels(route, method), self.responses.labels(route, str(status)))
-            if len(self._per_request) < 4096:  # bounded: routes are fixed, but methods come from clients
-                self._per_request[(route, method, status)] = children
-        children[0].observe(seconds)
-        children[1].inc()
+        self.requests.observe(route, method, status, seconds)
 
     def update_links(self, reports: Sequence[LinkReport]) -> None:
         for rep in reports:

@@ -21,7 +21,6 @@ must tell apart (docs/design.md, key lifecycle):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import urllib.parse
@@ -36,7 +35,7 @@ from qkdtls.kme.config import Peer
 from qkdtls.kme.errors import BadRequestError, KmeError, PeerRejected, PeerUnavailable, UnauthorizedError
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.reservation import Reservation
-from qkdtls.kme.routes import MSG_INTERNAL, guard, json_response, parse_json_body
+from qkdtls.kme.routes import MSG_INTERNAL, dumps, guard, json_response, parse_json_body
 from qkdtls.kme.service import KmeService
 
 log = logging.getLogger("qkdtls.kme.peers")
@@ -164,7 +163,7 @@ class HttpPeerGateway:
         peer = self._peers.get(peer_kme_id)
         if peer is None:
             raise PeerUnavailable(f"no inter-KME route to KME {peer_kme_id}")
-        body = json.dumps(reservation.to_json(), separators=(",", ":")).encode()
+        body = dumps(reservation.to_json()).encode()
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()  # once: it costs a getpid() system call

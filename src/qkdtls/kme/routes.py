@@ -27,11 +27,11 @@ MSG_UNAUTHORIZED = "the client certificate does not identify a registered SAE"
 MSG_ADMIN_ONLY = "this route is for administrators of this KME"
 MSG_INTERNAL = "internal error of the KME; the request can be retried"
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def json_response(doc: Any, status: int = 200) -> Response:
-    return Response(status, _dumps(doc).encode())
+    return Response(status, dumps(doc).encode())
 
 
 def error_response(status: int, message: str, details: list[dict[str, Any]] | None = None) -> Response:
@@ -45,6 +45,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads with an option builds a new decoder on every call.
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def parse_json_body(raw: bytes) -> Any:
     """The request body as JSON, None when empty; :class:`BadRequestError` for anything malformed."""
     if not raw.strip():
@@ -54,7 +58,7 @@ def parse_json_body(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadRequestError("request body must be UTF-8 encoded JSON") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _decode(text)
     except (ValueError, RecursionError):
         # ValueError also covers integers beyond Python's digit limit; RecursionError very deep nesting.
         raise BadRequestError("request body is not valid JSON") from None

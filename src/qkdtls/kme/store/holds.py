@@ -4,7 +4,8 @@ A hold only has to last as long as the process that made it (docs/design.md, key
 a restarted master forgets its holds, and blocks the peer already took are refused there (409) and burnt.
 So a store with a single owner process (SQLite, ``locking_mode=EXCLUSIVE``) keeps holds here instead of
 committing them: holding costs no transaction and no fsync, and only the deletion of consumed or burnt blocks
-is durable.
+is written. The same argument lets the deletion of delivered blocks commit after the delivery: until it
+does, they stay here marked consumed, so that nothing in this process hands them out again.
 
 Per (link, direction) the free blocks with ``seq <= frontier`` that are not held sit in ``ahead`` (oldest
 first); blocks above the frontier are only in the database. This instance is the only one that deletes
@@ -27,6 +28,8 @@ class _Held:
     block: Block
     direction: int
     held_at: float
+    # Delivered; its deletion is queued but not committed yet. Never released or handed out again.
+    consumed: bool = False
 
 
 @dataclass(slots=True)
@@ -76,12 +79,25 @@ class VolatileHolds:
         return taken
 
     def all_held(self, link: int, seqs: Sequence[int]) -> bool:
+        """Every block is held and not consumed yet."""
         held = self._held.get(link, {})
-        return all(seq in held for seq in seqs)
+        for seq in seqs:
+            entry = held.get(seq)
+            if entry is None or entry.consumed:
+                return False
+        return True
 
     def held_only(self, link: int, seqs: Sequence[int]) -> list[int]:
         held = self._held.get(link, {})
         return [seq for seq in dict.fromkeys(seqs) if seq in held]
+
+    def consume(self, link: int, seqs: Sequence[int]) -> None:
+        """The blocks were delivered: they stay held (and counted as not free) until :meth:`forget`."""
+        held = self._held.get(link, {})
+        for seq in seqs:
+            entry = held.get(seq)
+            if entry is not None:
+                entry.consumed = True
 
     def forget(self, link: int, seqs: Sequence[int]) -> None:
         """The blocks are gone from the database (consumed or burnt): drop their holds."""
@@ -94,8 +110,9 @@ class VolatileHolds:
         held = self._held.get(link, {})
         back: dict[int, list[Block]] = {}
         for seq in dict.fromkeys(seqs):
-            entry = held.pop(seq, None)
-            if entry is not None:
+            entry = held.get(seq)
+            if entry is not None and not entry.consumed:
+                del held[seq]
                 back.setdefault(entry.direction, []).append(entry.block)
         for direction, blocks in back.items():
             ahead = self._direction(link, direction).ahead
@@ -107,7 +124,9 @@ class VolatileHolds:
         """Free holds made before ``held_before`` (a request stuck far beyond any peer timeout)."""
         released = 0
         for link, held in self._held.items():
-            stale = [seq for seq, entry in held.items() if entry.held_at < held_before][: limit - released]
+            stale = [
+                seq for seq, entry in held.items() if entry.held_at < held_before and not entry.consumed
+            ][: limit - released]
             released += self.release(link, stale)
             if released >= limit:
                 break

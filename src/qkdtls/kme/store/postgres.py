@@ -50,6 +50,7 @@ _PLACEHOLDER = re.compile(r"\?")
 class PostgresKeyStore(SqlKeyStore):
     lock_clause = " FOR UPDATE"
     skip_locked_clause = " FOR UPDATE SKIP LOCKED"
+    integrity_errors = (psycopg.IntegrityError,) if psycopg is not None else ()
 
     def __init__(self, url: str, *, connect_timeout: int = 10) -> None:
         super().__init__()
@@ -97,8 +98,7 @@ class PostgresKeyStore(SqlKeyStore):
     def _cursor(self) -> Any:
         return self._conn.cursor()
 
-    async def _execute(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
-        ops = [op for op, _ in batch]
+    async def _execute(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run_batch, ops)
 
     async def close(self) -> None:

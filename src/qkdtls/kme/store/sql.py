@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 MAX_BATCH = 512
+# A deferred write (see ``_do_later``) waits at most this long for another commit to ride on.
+LAZY_DELAY = 0.02
 _IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit
 _HIST = struct.Struct("<256Q")
 _EMPTY_HIST = _HIST.pack(*([0] * 256))
+
+
+Deltas = dict[tuple[int, str], int]
+_NONE: Deltas = {}
 
 
 @dataclass(slots=True)
@@ -54,11 +60,20 @@ class Tx:
     holder: str
     lock: str  # row-locking suffix for SELECTs that precede a write ("" on SQLite: one writer anyway)
     skip_locked: str
-    deltas: Counter[tuple[int, str]] = field(default_factory=Counter)
+    # Counter changes are written once per batch, after its last operation. ``deltas`` receives this
+    # operation's; ``earlier`` holds those of the batch's operations before it that are not in ``deltas``.
+    deltas: Deltas = field(default_factory=dict)
+    earlier: Deltas = field(default_factory=lambda: _NONE)
 
     def add(self, link: int, name: str, delta: int) -> None:
         if delta:
-            self.deltas[(link, name)] += delta
+            key = (link, name)
+            self.deltas[key] = self.deltas.get(key, 0) + delta
+
+    def counter(self, link: int, name: str, stored: int) -> int:
+        """A counter's value as this operation sees it: the stored row plus the batch's changes so far."""
+        key = (link, name)
+        return stored + self.earlier.get(key, 0) + self.deltas.get(key, 0)
 
 
 Op = Callable[[Tx], Any]
@@ -85,13 +100,18 @@ class SqlKeyStore(KeyStore):
 
     lock_clause = ""
     skip_locked_clause = ""
+    # The driver's exception for a violated constraint (set by each subclass).
+    integrity_errors: tuple[type[Exception], ...] = ()
     # Without ANALYZE statistics SQLite walks the primary key (link, seq) and filters, which grows with the
     # number of held blocks; the partial index of free blocks is always the right plan.
     free_index = ""
 
     def __init__(self) -> None:
         self.holder = secrets.token_hex(8)
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        # Waiter: the caller's future, or the callback of a deferred write (``_do_later``).
+        self._pending: list[tuple[Op, asyncio.Future[Any] | Callable[[bool, Any], None]]] = []
+        self._waiting = 0  # queued operations whose caller awaits a future
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
         # The loop of the first operation; a store serves one event loop (like the KME that owns it).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,8 +128,8 @@ class SqlKeyStore(KeyStore):
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN")
 
-    async def _execute(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
-        return self._run_batch([op for op, _ in batch])
+    async def _execute(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        return self._run_batch(ops)
 
     def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         """Run ``ops`` in one transaction: (ok, result or exception) each. Raises only if COMMIT fails."""
@@ -119,37 +139,70 @@ class SqlKeyStore(KeyStore):
         return results
 
     def _apply(self, cur: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
-        """Open a transaction and run ``ops`` in it, leaving it open for :meth:`_commit`."""
-        results: list[tuple[bool, Any]] = []
-        total: Counter[tuple[int, str]] = Counter()
+        """Open a transaction and run ``ops`` in it, leaving it open for :meth:`_commit`.
+
+        The operations first run back to back. Only if one of them fails is the transaction rolled back and
+        the batch run again with a savepoint around each operation, so that the failed one is undone alone:
+        refusals are rare, and two statements per operation saved on every batch are not. Operations are
+        functions of the database state, so running them again is sound.
+        """
         try:
             self._begin(cur)
-            for op in ops:
-                tx = Tx(_Cur(cur, self._sql), self.holder, self.lock_clause, self.skip_locked_clause)
-                cur.execute("SAVEPOINT op")
-                try:
-                    result = op(tx)
-                except Exception as exc:
-                    cur.execute("ROLLBACK TO SAVEPOINT op")
-                    cur.execute("RELEASE SAVEPOINT op")
-                    results.append((False, exc))
-                else:
-                    cur.execute("RELEASE SAVEPOINT op")
-                    total.update(tx.deltas)
-                    results.append((True, result))
-            for (link, name), delta in sorted(total.items()):
-                if delta:
-                    cur.execute(
-                        self._sql(
-                            "INSERT INTO counters(link, name, value) VALUES (?, ?, ?) "
-                            "ON CONFLICT (link, name) DO UPDATE SET value = counters.value + excluded.value"
-                        ),
-                        (link, name, delta),
-                    )
+            results = self._run_ops(cur, ops)
+            if results is None:
+                self._rollback(cur)
+                self._begin(cur)
+                results = self._run_ops_isolated(cur, ops)
         except BaseException:
             self._rollback(cur)
             raise
         return results
+
+    def _run_ops(self, cur: Any, ops: list[Op]) -> list[tuple[bool, Any]] | None:
+        """Every operation in turn, or None as soon as one raises (the transaction then needs a rollback)."""
+        total: Deltas = {}
+        tx = Tx(_Cur(cur, self._sql), self.holder, self.lock_clause, self.skip_locked_clause, total)
+        results: list[tuple[bool, Any]] = []
+        for op in ops:
+            try:
+                results.append((True, op(tx)))
+            except Exception:
+                return None
+        self._write_counters(cur, total)
+        return results
+
+    def _run_ops_isolated(self, cur: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        total: Deltas = {}
+        wrapped = _Cur(cur, self._sql)
+        for op in ops:
+            tx = Tx(wrapped, self.holder, self.lock_clause, self.skip_locked_clause, {}, total)
+            cur.execute("SAVEPOINT op")
+            try:
+                result = op(tx)
+            except Exception as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT op")
+                cur.execute("RELEASE SAVEPOINT op")
+                results.append((False, exc))
+            else:
+                cur.execute("RELEASE SAVEPOINT op")
+                for key, delta in tx.deltas.items():
+                    total[key] = total.get(key, 0) + delta
+                results.append((True, result))
+        self._write_counters(cur, total)
+        return results
+
+    def _write_counters(self, cur: Any, total: Deltas) -> None:
+        # In a fixed order, so that concurrent PostgreSQL writers lock counter rows in the same order.
+        for (link, name), delta in sorted(total.items()):
+            if delta:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO counters(link, name, value) VALUES (?, ?, ?) "
+                        "ON CONFLICT (link, name) DO UPDATE SET value = counters.value + excluded.value"
+                    ),
+                    (link, name, delta),
+                )
 
     def _commit(self, cur: Any) -> None:
         try:
@@ -165,52 +218,89 @@ class SqlKeyStore(KeyStore):
         except Exception:  # the connection may be gone, or the failed COMMIT already ended the transaction
             pass
 
-    async def _do(self, op: Callable[[Tx], T]) -> T:
-        if self._closed:
-            raise StoreUnavailable("key store is closed")
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None or loop.is_closed():
             # Looked up once, not per operation: get_running_loop() makes a getpid() system call each time.
             loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    async def _do(self, op: Callable[[Tx], T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        loop = self._running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._pending.append((op, fut))
+        self._waiting += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
 
-    async def _flush(self) -> None:
+    def _do_later(self, op: Op, done: Callable[[bool, Any], None]) -> None:
+        """Queue a write nobody waits for: it rides on the next commit, or commits alone after LAZY_DELAY.
+
+        ``done(ok, result_or_exception)`` is called after the commit (or the failure)."""
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        loop = self._running_loop()
+        self._pending.append((op, done))
+        if (self._flusher is None or self._flusher.done()) and self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(LAZY_DELAY, self._flush_lazy)
+
+    def _flush_lazy(self) -> None:
+        self._lazy_timer = None
+        if self._pending and (self._flusher is None or self._flusher.done()):
+            self._flusher = self._running_loop().create_task(self._flush(force=True))
+
+    async def _flush(self, *, force: bool = False) -> None:
         # Yield once so that every request woken in this loop iteration can queue its operation.
         await asyncio.sleep(0)
-        while self._pending:
-            batch = [(op, fut) for op, fut in self._pending[:MAX_BATCH] if not fut.done()]
+        # Deferred writes alone do not start a commit (only their timer or a waiting caller does).
+        while self._pending and (force or self._waiting):
+            force = False
+            batch = [
+                (op, w)
+                for op, w in self._pending[:MAX_BATCH]
+                if not isinstance(w, asyncio.Future) or not w.done()
+            ]
             del self._pending[:MAX_BATCH]
+            self._waiting = sum(1 for _, w in self._pending if isinstance(w, asyncio.Future))
             if not batch:
                 continue
             try:
-                outcome = await self._execute(batch)
+                outcome: list[tuple[bool, Any]] = await self._execute([op for op, _ in batch])
             except Exception as exc:
                 log.error("key store transaction failed", extra={"event": "store.failed", "error": repr(exc)})
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StoreUnavailable("key store failed"))
-                continue
-            for (_, fut), (ok, value) in zip(batch, outcome, strict=True):
-                if fut.done():
+                outcome = [(False, StoreUnavailable("key store failed"))] * len(batch)
+            for (_, waiter), (ok, value) in zip(batch, outcome, strict=True):
+                if not isinstance(waiter, asyncio.Future):
+                    waiter(ok, value)
+                elif waiter.done():
                     continue
-                if ok:
-                    fut.set_result(value)
+                elif ok:
+                    waiter.set_result(value)
                 elif isinstance(value, StoreError):
-                    fut.set_exception(value)
+                    waiter.set_exception(value)
                 else:
                     log.error(
                         "key store operation failed", extra={"event": "store.failed", "error": repr(value)}
                     )
-                    fut.set_exception(StoreUnavailable("key store failed"))
+                    waiter.set_exception(StoreUnavailable("key store failed"))
             await asyncio.sleep(0)
+        if self._pending and self._lazy_timer is None and self._loop is not None:
+            self._lazy_timer = self._loop.call_later(LAZY_DELAY, self._flush_lazy)
 
     async def _drain(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            await self._flusher
+        """Wait for the flusher, then commit whatever is still queued (deferred writes included)."""
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        while True:
+            if self._flusher is not None and not self._flusher.done():
+                await self._flusher
+            if not self._pending:
+                return
+            self._flusher = self._running_loop().create_task(self._flush(force=True))
 
     # -- key folders ----------------------------------------------------------------------------------------
 
@@ -359,19 +449,22 @@ class SqlKeyStore(KeyStore):
         ids = [k.key_id for k in keys]
         if len(set(ids)) != len(ids):
             raise BlocksTaken("duplicate key IDs")
-        for chunk in [ids[i : i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]:
-            tx.cur.execute(f"SELECT key_id FROM keys WHERE key_id IN ({_marks(len(chunk))})", tuple(chunk))
-            if tx.cur.fetchone() is not None:
-                raise BlocksTaken("a key ID is already in use")
         slave_text = _join(slaves)
-        tx.cur.executemany(
+        rows = [
+            (k.key_id, link, master_sae, slave_text, slave_text, size_bits, k.data, expires_at) for k in keys
+        ]
+        insert = (
             "INSERT INTO keys(key_id, link, master_sae, slaves, pending, size, data, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (k.key_id, link, master_sae, slave_text, slave_text, size_bits, k.data, expires_at)
-                for k in keys
-            ],
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        # A key ID already in use violates the primary key: that is the check, no SELECT before.
+        try:
+            if len(rows) == 1:
+                tx.cur.execute(insert, rows[0])
+            else:
+                tx.cur.executemany(insert, rows)
+        except self.integrity_errors:
+            raise BlocksTaken("a key ID is already in use") from None
         tx.add(link, "keys", len(keys))
 
     async def take_reserved(
@@ -520,7 +613,7 @@ class SqlKeyStore(KeyStore):
                 "SELECT value FROM counters WHERE link = ? AND name = ?", (link, f"free{direction}")
             )
             row = tx.cur.fetchone()
-            return int(row[0]) if row else 0
+            return tx.counter(link, f"free{direction}", int(row[0]) if row else 0)
 
         return await self._do(op)
 
@@ -528,6 +621,8 @@ class SqlKeyStore(KeyStore):
         def op(tx: Tx) -> LinkStats:
             tx.cur.execute("SELECT name, value FROM counters WHERE link = ?", (link,))
             counters = {name: int(value) for name, value in tx.cur.fetchall()}
+            for name in ("free0", "free1", "keys", "burnt", "expired"):
+                counters[name] = tx.counter(link, name, counters.get(name, 0))
             tx.cur.execute("SELECT imported_bytes, histogram FROM streams WHERE link = ?", (link,))
             row = tx.cur.fetchone()
             imported, hist = (int(row[0]), _HIST.unpack(bytes(row[1]))) if row else (0, (0,) * 256)

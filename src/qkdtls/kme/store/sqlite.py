@@ -16,6 +16,7 @@ PostgreSQL store.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 from qkdtls.kme.store.base import Block, LinkStats, LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store.holds import VolatileHolds
 from qkdtls.kme.store.sql import SCHEMA_VERSION, SqlKeyStore, Tx, _chunks, _marks
+
+log = logging.getLogger(__name__)
 
 # Free blocks read into memory per refill: one read per this many held blocks, a few KiB of key material.
 READ_AHEAD = 512
@@ -52,6 +55,7 @@ CREATE TABLE counters (
 
 class SqliteKeyStore(SqlKeyStore):
     free_index = " INDEXED BY blocks_free"
+    integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
         super().__init__()
@@ -174,22 +178,41 @@ class SqliteKeyStore(SqlKeyStore):
         return deleted
 
     async def consume_held(self, link: int, seqs: Sequence[int]) -> None:
+        """Deliverable once every block is still held; the deletion commits later (``_do_later``).
+
+        Not waiting for that commit keeps an fsync off every cross-KME ``enc_keys``, and the deletions of
+        concurrent requests share one commit. Safe because the peer KME's committed reservation, not this
+        deletion, is what keeps the blocks from a second delivery: if this process dies first, the restarted
+        KME finds the blocks free again, the peer refuses them (409) and they are burnt.
+        """
         if self._closed:
             raise StoreUnavailable("key store is closed")
         unique = list(dict.fromkeys(seqs))
         if not self._holds.all_held(link, unique):
             raise LostHold(f"{len(unique)} held blocks on link {link} are no longer held")
+        self._holds.consume(link, unique)
 
         def op(tx: Tx) -> None:
             if self._delete_rows(tx, link, unique) != len(unique):
                 raise LostHold(f"{len(unique)} held blocks on link {link} are gone from the store")
 
-        try:
-            await self._do(op)
-        except LostHold:
-            self._holds.forget(link, unique)  # not in the database: never hand them out again
-            raise
-        self._holds.forget(link, unique)
+        def done(ok: bool, value: Any) -> None:
+            if ok or isinstance(value, LostHold):
+                self._holds.forget(link, unique)
+            if not ok:
+                # Still held as consumed, so never handed out again by this process; after a restart the
+                # peer refuses them (409) and they are burnt.
+                log.error(
+                    "deleting delivered blocks failed",
+                    extra={
+                        "event": "store.failed",
+                        "link": link,
+                        "blocks": len(unique),
+                        "error": repr(value),
+                    },
+                )
+
+        self._do_later(op, done)
 
     async def burn_held(self, link: int, seqs: Sequence[int]) -> int:
         if self._closed:
