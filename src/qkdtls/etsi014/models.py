@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,14 +64,27 @@ def _optional_object(doc: Mapping[str, Any], name: str) -> dict[str, Any] | None
     return value
 
 
-def parse_key_id(text: Any, name: str = "key_ID") -> str:
-    """Canonical lower-case hyphenated form of a key ID, or :class:`BadRequest`."""
-    if not isinstance(text, str) or len(text) > 64:
-        raise BadRequest(f"{name} must be a UUID string")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def canonical_uuid(text: str) -> str | None:
+    """The canonical lower-case hyphenated form of a UUID string (any form ``uuid.UUID`` reads), or None."""
+    if _CANONICAL_UUID.fullmatch(text):
+        return text  # the form every KME and client sends: no UUID object needed
+    if len(text) > 64:
+        return None
     try:
         return str(uuid.UUID(text))
     except ValueError:
-        raise BadRequest(f"{name} must be a UUID string") from None
+        return None
+
+
+def parse_key_id(text: Any, name: str = "key_ID") -> str:
+    """Canonical lower-case hyphenated form of a key ID, or :class:`BadRequest`."""
+    canonical = canonical_uuid(text) if isinstance(text, str) else None
+    if canonical is None:
+        raise BadRequest(f"{name} must be a UUID string")
+    return canonical
 
 
 @dataclass(frozen=True, slots=True)

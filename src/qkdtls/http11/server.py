@@ -97,27 +97,47 @@ class RouteError(Exception):
         self.message = message
 
 
+@dataclass(slots=True)
+class _Pattern:
+    pattern: str
+    literals: tuple[tuple[int, str], ...]  # (segment index, text) that must match exactly
+    params: tuple[tuple[int, str], ...]  # (segment index, parameter name)
+    methods: dict[str, Handler]
+
+
 class Router:
-    """Method + path → handler. Patterns are literal segments and ``{name}`` segments (one whole segment)."""
+    """Method + path → handler. Patterns are literal segments and ``{name}`` segments (one whole segment).
+
+    Patterns with parameters are indexed by segment count and last segment, so that resolving a path
+    compares it with one or two candidates, not every route.
+    """
 
     def __init__(self) -> None:
         self._static: dict[str, dict[str, Handler]] = {}
-        self._dynamic: list[tuple[str, tuple[str, ...], dict[str, Handler]]] = []
+        self._dynamic: dict[tuple[int, str], list[_Pattern]] = {}
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
-        segments = tuple(pattern.split("/"))
-        if any(s.startswith("{") for s in segments):
-            for _pattern, known_segments, methods in self._dynamic:
-                if known_segments == segments:
-                    methods[method] = handler
-                    return
-            self._dynamic.append((pattern, segments, {method: handler}))
-        else:
+        segments = pattern.split("/")
+        if not any(s.startswith("{") for s in segments):
             self._static.setdefault(pattern, {})[method] = handler
+            return
+        candidates = self._dynamic.setdefault((len(segments), _last_key(segments[-1])), [])
+        for known in candidates:
+            if known.pattern == pattern:
+                known.methods[method] = handler
+                return
+        candidates.append(
+            _Pattern(
+                pattern,
+                tuple((i, s) for i, s in enumerate(segments) if not s.startswith("{")),
+                tuple((i, s[1:-1]) for i, s in enumerate(segments) if s.startswith("{")),
+                {method: handler},
+            )
+        )
 
     def routes(self) -> Iterable[str]:
         yield from self._static
-        yield from (pattern for pattern, _, _ in self._dynamic)
+        yield from (p.pattern for candidates in self._dynamic.values() for p in candidates)
 
     def resolve(self, request: Request) -> Handler:
         """The handler for ``request`` (sets ``route`` and ``params``); :class:`RouteError` if none."""
@@ -126,20 +146,16 @@ class Router:
         if methods is not None:
             request.route = path
         else:
-            raw = path.split("/")
-            for pattern, segments, candidate in self._dynamic:
-                if len(segments) != len(raw):
-                    continue
-                params: dict[str, str] = {}
-                for want, got in zip(segments, raw, strict=True):
-                    if want.startswith("{"):
-                        if not got:
-                            break
-                        params[want[1:-1]] = unquote(got)
-                    elif want != got:
+            segments = path.split("/")
+            n = len(segments)
+            for candidates in (self._dynamic.get((n, segments[-1])), self._dynamic.get((n, ""))):
+                for p in candidates or ():
+                    if _matches(p, segments):
+                        request.route = p.pattern
+                        request.params = {name: unquote(segments[i]) for i, name in p.params}
+                        methods = p.methods
                         break
-                else:
-                    request.route, request.params, methods = pattern, params, candidate
+                if methods is not None:
                     break
         if methods is None:
             raise RouteError(f"no such route: {path[:200]}")
@@ -147,6 +163,18 @@ class Router:
         if handler is None:
             raise RouteError(f"method {request.method[:16]} is not allowed on {path[:200]}")
         return handler
+
+
+def _matches(pattern: _Pattern, segments: list[str]) -> bool:
+    for i, text in pattern.literals:
+        if segments[i] != text:
+            return False
+    return all(segments[i] for i, _ in pattern.params)
+
+
+def _last_key(segment: str) -> str:
+    # A pattern ending in a parameter matches any last segment: indexed under "".
+    return "" if segment.startswith("{") else segment
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,10 @@ blocks, so block sequence numbers are enough.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from qkdtls.etsi014.models import canonical_uuid
 from qkdtls.kme.errors import BadRequestError
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -74,12 +74,9 @@ class Reservation:
             if not isinstance(item, dict):
                 raise BadRequestError("each reserved key must be an object with key_ID and blocks")
             key_id = item.get("key_ID")
-            if not isinstance(key_id, str) or len(key_id) > 64:
+            canonical = canonical_uuid(key_id) if isinstance(key_id, str) else None
+            if canonical is None:
                 raise BadRequestError("reserved key_ID must be a UUID string")
-            try:
-                canonical = str(uuid.UUID(key_id))
-            except ValueError:
-                raise BadRequestError("reserved key_ID must be a UUID string") from None
             blocks = _int_list(item.get("blocks"), "blocks", MAX_BLOCKS_PER_KEY, 0)
             keys.append(ReservedKey(canonical, blocks))
         return cls(
