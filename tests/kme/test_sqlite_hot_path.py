@@ -183,3 +183,33 @@ def test_client_certificate_is_read_once_per_connection(tmp_path: Path) -> None:
     assert with_cert.reads == 1 and without.reads == 1
     ctx = auth.server_context(issued.cert, issued.key, [ca.cert], require_client_cert=True)
     assert ctx.options & ssl.OP_NO_RENEGOTIATION  # the cached identity of a connection cannot change
+
+
+async def test_free_blocks_are_read_along_the_primary_key(store: SqliteKeyStore) -> None:
+    await feed(store, os.urandom(32 * 64), "1.key")
+    conn = store._conn
+    assert not conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'blocks' "
+        "AND name NOT LIKE 'sqlite_autoindex%'"
+    ).fetchall()
+    for sql in (
+        "SELECT seq, data FROM blocks WHERE link = 2 AND direction = 1 AND held_by IS NULL AND seq > 10 "
+        "ORDER BY seq LIMIT 4",
+        "SELECT seq, data FROM blocks WHERE link = 2 AND direction = 0 AND held_by IS NULL "
+        "ORDER BY seq LIMIT 4",
+    ):
+        plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+
+
+async def test_indexes_of_earlier_releases_are_dropped(tmp_path: Path) -> None:
+    path = str(tmp_path / "kme.sqlite3")
+    first = SqliteKeyStore(path)
+    first._conn.execute("CREATE INDEX blocks_free ON blocks (link, direction, seq) WHERE held_by IS NULL")
+    await first.close()
+    second = SqliteKeyStore(path)
+    try:
+        names = [r[0] for r in second._conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")]
+        assert "blocks_free" not in names
+    finally:
+        await second.close()

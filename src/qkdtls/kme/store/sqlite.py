@@ -35,8 +35,6 @@ CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE blocks (
     link INTEGER NOT NULL, seq INTEGER NOT NULL, direction INTEGER NOT NULL, data BLOB NOT NULL,
     held_by TEXT, held_at REAL, PRIMARY KEY (link, seq)) WITHOUT ROWID;
-CREATE INDEX blocks_free ON blocks (link, direction, seq) WHERE held_by IS NULL;
-CREATE INDEX blocks_held ON blocks (held_at) WHERE held_by IS NOT NULL;
 CREATE TABLE keys (
     key_id TEXT PRIMARY KEY, link INTEGER NOT NULL, master_sae INTEGER NOT NULL, slaves TEXT NOT NULL,
     pending TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
@@ -54,7 +52,6 @@ CREATE TABLE counters (
 
 
 class SqliteKeyStore(SqlKeyStore):
-    free_index = " INDEXED BY blocks_free"
     integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
@@ -107,6 +104,10 @@ class SqliteKeyStore(SqlKeyStore):
             version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             if version is None or int(version[0]) != SCHEMA_VERSION:
                 raise StoreUnavailable(f"key store schema version {version} is not {SCHEMA_VERSION}")
+            # Indexes of earlier releases: holds live in memory here, so free blocks are found by walking
+            # the primary key (link, seq) from the read-ahead frontier, and each index cost a page per commit.
+            conn.execute("DROP INDEX IF EXISTS blocks_free")
+            conn.execute("DROP INDEX IF EXISTS blocks_held")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
