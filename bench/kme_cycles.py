@@ -5,7 +5,7 @@ pair (KME 1 → KME 2), at several concurrencies and pool sizes. The load genera
 HTTP/1.1 client (``qkdtls.http11.client``) over mutual TLS, one per SAE, so that little of the measured CPU
 is the client's. The server CPU time per cycle comes from /proc/<pid>/stat of the two KME processes.
 
-    python -m bench.kme_cycles [--duration 3] [--concurrency 1 8 32] [--pools 6400 1000000]
+    python -m bench.kme_cycles [--duration 3] [--repeat 3] [--concurrency 1 8 32] [--pools 6400 1000000]
 
 Reference (the Rust KME of the paper on this machine kind): ~300 cycles/s, ~400 cycles per server-CPU
 second, ~5 cycles/s with 1,000,000 keys in the pool.
@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import ssl
+import statistics
 import sys
 import tempfile
 import time
@@ -64,8 +65,39 @@ class Result:
     def rate(self) -> float:
         return self.cycles / self.seconds
 
+    @property
+    def per_cpu(self) -> float:
+        return self.cycles / self.server_cpu if self.server_cpu > 0 else float("inf")
+
+
+@dataclass
+class Row:
+    """Repeated measurements of one (pool, pair, concurrency): medians, and latencies of all runs."""
+
+    runs: list[Result]
+
+    @property
+    def first(self) -> Result:
+        return self.runs[0]
+
+    @property
+    def cycles(self) -> int:
+        return sum(r.cycles for r in self.runs)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def per_cpu(self) -> float:
+        return statistics.median(r.per_cpu for r in self.runs)
+
+    def cpu_us(self, attr: str) -> float:
+        """Median CPU microseconds per cycle of the servers ("server_cpu") or the load generator."""
+        return statistics.median(getattr(r, attr) / r.cycles * 1e6 for r in self.runs)
+
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
+        ordered = sorted(t for r in self.runs for t in r.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
@@ -162,7 +194,7 @@ def _fill(bed: Testbed, pool: int) -> None:
             nbytes -= chunk
 
 
-async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Result]:
+async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Row]:
     bed = Testbed.create(
         root / f"pool-{pool}", initial_key_bytes=0, local_key_bytes=0, event_loop=args.event_loop
     )
@@ -174,11 +206,14 @@ async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Res
     try:
         for pair in args.pairs:
             for concurrency in args.concurrency:
-                await _refill(bed, pool)
-                # Never draw more than a third of the pool, so the pool size stays what the row says.
-                result = await _measure(bed, pool, pair, concurrency, args.duration, budget=max(pool // 3, 1))
-                results.append(result)
-                _print_row(result)
+                runs = []
+                for _ in range(args.repeat):
+                    await _refill(bed, pool)
+                    # Never draw more than a third of the pool, so the pool size stays what the row says.
+                    budget = max(pool // 3, 1)
+                    runs.append(await _measure(bed, pool, pair, concurrency, args.duration, budget=budget))
+                results.append(Row(runs))
+                _print_row(results[-1])
     finally:
         await asyncio.to_thread(bed.stop)
     return results
@@ -186,37 +221,38 @@ async def _run_pool(root: Path, pool: int, args: argparse.Namespace) -> list[Res
 
 HEADER = (
     f"{'pool keys':>10} {'pair':>6} {'conc':>5} {'cycles':>7} {'cycles/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-    f"{'srv CPU s':>9} {'cyc/CPU-s':>9} {'cli CPU s':>9}"
+    f"{'srv µs/cyc':>10} {'cyc/CPU-s':>9} {'(min-max)':>11} {'cli µs/cyc':>10}"
 )
 
 
-def _print_row(r: Result) -> None:
-    per_cpu = r.cycles / r.server_cpu if r.server_cpu > 0 else float("inf")
+def _print_row(row: Row) -> None:
+    r = row.first
+    spread = sorted(run.per_cpu for run in row.runs)
     print(
-        f"{r.pool:>10,} {r.pair:>6} {r.concurrency:>5} {r.cycles:>7} {r.rate:>9.0f} "
-        f"{r.percentile(0.5):>7.2f} {r.percentile(0.99):>7.2f} {r.server_cpu:>9.2f} {per_cpu:>9.0f} "
-        f"{r.client_cpu:>9.2f}",
+        f"{r.pool:>10,} {r.pair:>6} {r.concurrency:>5} {row.cycles:>7} {row.rate:>9.0f} "
+        f"{row.percentile(0.5):>7.2f} {row.percentile(0.99):>7.2f} {row.cpu_us('server_cpu'):>10.0f} "
+        f"{row.per_cpu:>9.0f} {f'{spread[0]:.0f}-{spread[-1]:.0f}':>11} {row.cpu_us('client_cpu'):>10.0f}",
         flush=True,
     )
 
 
-def _summary(results: list[Result]) -> None:
-    cross8 = [r for r in results if r.pair == "cross" and r.concurrency == 8]
+def _summary(rows: list[Row]) -> None:
+    cross8 = [r for r in rows if r.first.pair == "cross" and r.first.concurrency == 8]
     if not cross8:
         return
     print()
     for r in cross8:
-        per_cpu = r.cycles / r.server_cpu if r.server_cpu > 0 else float("inf")
         print(
-            f"cross-KME, concurrency 8, pool {r.pool:,}: {r.rate:.0f} cycles/s "
+            f"cross-KME, concurrency 8, pool {r.first.pool:,}: {r.rate:.0f} cycles/s "
             f"({r.rate / REFERENCE['cycles_per_s']:.1f}x the reference's ~300), "
-            f"{per_cpu:.0f} cycles per server-CPU-second "
-            f"({per_cpu / REFERENCE['cycles_per_cpu_s']:.1f}x the reference's ~400)"
+            f"{r.per_cpu:.0f} cycles per server-CPU-second "
+            f"({r.per_cpu / REFERENCE['cycles_per_cpu_s']:.1f}x the reference's ~400)"
         )
     if len(cross8) > 1:
         small, large = cross8[0], cross8[-1]
         print(
-            f"pool {large.pool:,} vs {small.pool:,}: {large.rate / small.rate:.2f}x the rate "
+            f"pool {large.first.pool:,} vs {small.first.pool:,}: {large.rate / small.rate:.2f}x the rate, "
+            f"{large.per_cpu / small.per_cpu:.2f}x the cycles per CPU-second "
             f"(reference: ~5 cycles/s at 1,000,000 keys)"
         )
 
@@ -238,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="measurements per row; the row shows their medians"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["local", "cross"])
     parser.add_argument("--pools", type=int, nargs="+", default=[6400, 1_000_000], help="keys per pair")
@@ -250,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     print(HEADER)
-    results: list[Result] = []
+    results: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="qkdtls-bench-") as tmp:
         root = args.root or Path(tmp)
         for pool in args.pools:
