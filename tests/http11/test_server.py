@@ -31,7 +31,11 @@ class App:
         r.add("GET", "/items/{name}/info", self.item)
         r.add("GET", "/slow", self.slow)
         r.add("GET", "/boom", self.boom)
+        r.add("GET", "/headers", self.headers)
         return r
+
+    async def headers(self, request: Request) -> Response:
+        return Response(200, json.dumps(request.headers).encode())
 
     async def hello(self, request: Request) -> Response:
         return Response(200, b'{"hello":"world"}')
@@ -354,3 +358,14 @@ async def test_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
         writer.close()
     finally:
         await server.close(1.0)
+
+
+async def test_header_fields_by_lower_case_name_repeats_joined(served: tuple[App, HttpServer]) -> None:
+    _, server = served
+    answer = await _exchange(
+        server.port,
+        b"GET /headers HTTP/1.1\r\nHost: x\r\nX-Thing: a\r\nx-thing: b\r\nAccept: */*\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    [(_, body)] = _messages(answer)
+    assert json.loads(body) == {"host": "x", "x-thing": "a, b", "accept": "*/*", "connection": "close"}

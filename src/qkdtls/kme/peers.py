@@ -35,7 +35,7 @@ from qkdtls.kme.config import Peer
 from qkdtls.kme.errors import BadRequestError, KmeError, PeerRejected, PeerUnavailable, UnauthorizedError
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.reservation import Reservation
-from qkdtls.kme.routes import MSG_INTERNAL, dumps, guard, json_response, parse_json_body
+from qkdtls.kme.routes import MSG_INTERNAL, dumps, json_response, parse_json_body
 from qkdtls.kme.service import KmeService
 
 log = logging.getLogger("qkdtls.kme.peers")
@@ -69,7 +69,7 @@ class InterKmeApi:
 
     def router(self) -> Router:
         router = Router()
-        router.add("POST", RESERVATIONS_PATH, guard(self.reserve, INTER_KME_STATUSES))
+        router.add("POST", RESERVATIONS_PATH, self.reserve)
         return router
 
     async def reserve(self, request: Request) -> Response:

@@ -2,8 +2,8 @@
 
 ETSI 014 defines only 200, 400, 401 and 503, each with a JSON ``Error`` body. The HTTP server
 (:mod:`qkdtls.http11.server`) answers malformed HTTP, unknown paths, wrong methods and large bodies with 400
-in that format; :func:`guard` turns the service's errors into their statuses, and an unexpected exception
-into a generic 503 with the traceback logged, never shown.
+in that format; :func:`exception_response` turns the service's errors into their statuses, and an
+unexpected exception into a generic 503 with the traceback logged, never shown.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qkdtls.etsi014.models import BadRequest, KeyIDs, KeyRequest, parse_key_id
-from qkdtls.http11.server import Handler, Request, Response, ResponseObserver, Router
+from qkdtls.http11.server import ExceptionResponder, Request, Response, ResponseObserver, Router
 from qkdtls.kme.auth import IdentityMap, peer_certificate
 from qkdtls.kme.errors import BadRequestError, KmeError, UnauthorizedError
 from qkdtls.kme.metrics import CONTENT_TYPE, KmeMetrics
@@ -86,22 +86,18 @@ def single_query(request: Request, allowed: frozenset[str]) -> dict[str, str]:
 ETSI_STATUSES = frozenset({400, 401, 503})
 
 
-def guard(handler: Handler, statuses: frozenset[int] = ETSI_STATUSES) -> Handler:
-    """``handler`` whose errors become answers with one of ``statuses`` and a JSON body."""
+def exception_response(statuses: frozenset[int] = ETSI_STATUSES) -> ExceptionResponder:
+    """What a handler raised, as an answer with one of ``statuses`` and a JSON body."""
 
-    async def guarded(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except KmeError as exc:
-            status = exc.status if exc.status in statuses else 503
-            return error_response(status, exc.message, exc.details)
-        except BadRequest as exc:
+    def respond(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, KmeError):
+            return error_response(exc.status if exc.status in statuses else 503, exc.message, exc.details)
+        if isinstance(exc, BadRequest):
             return error_response(400, exc.message, exc.details)
-        except Exception:
-            log.exception("unexpected error", extra={"event": "http.error", "route": request.route})
-            return error_response(503, MSG_INTERNAL)
+        log.error("unexpected error", exc_info=exc, extra={"event": "http.error", "route": request.route})
+        return error_response(503, MSG_INTERNAL)
 
-    return guarded
+    return respond
 
 
 def response_observer(metrics: KmeMetrics | None, access_log: logging.Logger) -> ResponseObserver:
@@ -166,7 +162,7 @@ class SaeApi:
             ("GET", "/metrics", self.metrics_page),
         ]
         for method, pattern, handler in routes:
-            r.add(method, pattern, guard(handler))
+            r.add(method, pattern, handler)
         return r
 
     def _caller(self, request: Request) -> int:

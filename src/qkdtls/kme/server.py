@@ -22,8 +22,8 @@ from qkdtls.kme.auth import IdentityMap, server_context
 from qkdtls.kme.config import KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
 from qkdtls.kme.metrics import KmeMetrics
-from qkdtls.kme.peers import HttpPeerGateway, InterKmeApi
-from qkdtls.kme.routes import SaeApi, error_response, response_observer
+from qkdtls.kme.peers import INTER_KME_STATUSES, HttpPeerGateway, InterKmeApi
+from qkdtls.kme.routes import ETSI_STATUSES, SaeApi, error_response, exception_response, response_observer
 from qkdtls.kme.service import KmeService
 from qkdtls.kme.store import KeyStore, open_store
 
@@ -105,6 +105,7 @@ class KmeServer:
                 server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=True),
                 cfg.inter_kme.handshake_timeout,
                 inter_api.max_body_bytes,
+                INTER_KME_STATUSES,
             )
 
         self._tasks.append(asyncio.create_task(self._run_ingestor(ingestor), name="kme-ingest"))
@@ -129,10 +130,12 @@ class KmeServer:
         ctx: ssl.SSLContext,
         handshake_timeout: float,
         max_body_bytes: int,
+        statuses: frozenset[int] = ETSI_STATUSES,
     ) -> None:
         server = HttpServer(
             router,
             error_response=error_response,
+            exception_response=exception_response(statuses),
             observer=response_observer(self.metrics, logging.getLogger(f"qkdtls.kme.access.{name}")),
             limits=ServerLimits(max_body_bytes=max_body_bytes),
         )
