@@ -42,7 +42,7 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 MAX_BATCH = 512
 # Loop turns a batch waits for more operations before it commits (see ``_flush``).
-GATHER_TURNS = 4
+GATHER_TURNS = 8
 # A deferred write (see ``_do_later``) waits at most this long for another commit to ride on.
 LAZY_DELAY = 0.02
 _IN_CHUNK = 500  # stays far below SQLite's bound-parameter limit
