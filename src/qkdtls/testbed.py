@@ -45,18 +45,27 @@ class TestbedError(RuntimeError):
 # Drawing them below Linux's ephemeral range (32768-60999) keeps them out of the way of the ports the kernel
 # hands to every connecting socket and to servers that bind port 0 in the meantime.
 _PORT_RANGE = (20000, 32000)
+# Ports handed out by this process: a port is free until its KME binds it, so two draws in a row (the four
+# ports of one testbed, say) could otherwise return the same one.
+_HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port on loopback that is free now, outside the kernel's ephemeral range."""
+    """A TCP port on loopback that is free now, outside the kernel's ephemeral range, and not handed out
+    before by this process (until half the range has been)."""
+    if len(_HANDED_OUT) > (_PORT_RANGE[1] - _PORT_RANGE[0]) // 2:
+        _HANDED_OUT.clear()
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((LOOPBACK, port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise TestbedError(f"no free TCP port on {LOOPBACK} in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
