@@ -406,3 +406,22 @@ async def test_two_processes_of_one_kme_share_a_postgres_store(postgres_server: 
         with psycopg.connect(postgres_server, autocommit=True) as conn:
             for name in names:
                 conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_master_dead_before_its_deletion_committed_burns_the_blocks_after_restart(bed: Bed) -> None:
+    await bed.feed(1, 2, 32 * 16)
+    first = (await bed.services[1].enc_keys(11, "21", KeyRequest())).keys[0]
+    # The master KME dies after answering and before its deferred deletion commits (no close, no drain).
+    store = bed.services[1].store
+    assert store._pending  # type: ignore[attr-defined]  # the deletion is still queued
+    store._lazy_timer.cancel()  # type: ignore[attr-defined]
+    store._conn.close()  # type: ignore[attr-defined]
+    restarted = bed.open(1)
+    # The restarted KME finds the blocks free again, but KME 2 already took them: refused (409), burnt.
+    with pytest.raises(UnavailableError):
+        await restarted.enc_keys(11, "21", KeyRequest())
+    second = (await restarted.enc_keys(11, "21", KeyRequest())).keys[0]
+    assert second.key != first.key and second.key_ID != first.key_ID
+    assert (await restarted.store.link_stats(2)).burnt_blocks == 1
+    got = await bed.services[2].dec_keys(21, "11", [first.key_ID, second.key_ID])
+    assert [k.key for k in got.keys] == [first.key, second.key]
