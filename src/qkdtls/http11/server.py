@@ -29,7 +29,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -159,10 +159,6 @@ class Router:
                 {method: handler},
             )
         )
-
-    def routes(self) -> Iterable[str]:
-        yield from self._static
-        yield from (p.pattern for candidates in self._dynamic.values() for p in candidates)
 
     def resolve(self, request: Request) -> Handler:
         """The handler for ``request`` (sets ``route`` and ``params``); :class:`RouteError` if none."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from qkdtls.etsi014.models import BadRequest, KeyIDs, KeyRequest, parse_key_id
-from qkdtls.http11.server import ExceptionResponder, Request, Response, ResponseObserver, Router
+from qkdtls.http11.server import ExceptionResponder, Handler, Request, Response, ResponseObserver, Router
 from qkdtls.kme.auth import IdentityMap, peer_certificate
 from qkdtls.kme.errors import BadRequestError, KmeError, UnauthorizedError
 from qkdtls.kme.metrics import CONTENT_TYPE, KmeMetrics
@@ -150,7 +149,7 @@ class SaeApi:
 
     def router(self) -> Router:
         r = Router()
-        routes: list[tuple[str, str, Callable[[Request], Any]]] = [
+        routes: list[tuple[str, str, Handler]] = [
             ("GET", "/api/v1/keys/{slave}/status", self.status),
             ("GET", "/api/v1/keys/{slave}/enc_keys", self.enc_keys_get),
             ("POST", "/api/v1/keys/{slave}/enc_keys", self.enc_keys_post),

@@ -91,7 +91,7 @@ class KmeServer:
             listen.port,
             server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=False),
             cfg.sae_interface.handshake_timeout,
-            cfg.sae_interface.max_body_bytes,
+            sae_api.max_body_bytes,
         )
         if cfg.inter_kme is not None:
             peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers])

@@ -104,9 +104,6 @@ class SqlKeyStore(KeyStore):
     skip_locked_clause = ""
     # The driver's exception for a violated constraint (set by each subclass).
     integrity_errors: tuple[type[Exception], ...] = ()
-    # Without ANALYZE statistics SQLite walks the primary key (link, seq) and filters, which grows with the
-    # number of held blocks; the partial index of free blocks is always the right plan.
-    free_index = ""
 
     def __init__(self) -> None:
         self.holder = secrets.token_hex(8)
@@ -378,7 +375,7 @@ class SqlKeyStore(KeyStore):
         def op(tx: Tx) -> list[Block]:
             cur = tx.cur
             cur.execute(
-                f"SELECT seq, data FROM blocks{self.free_index} "
+                "SELECT seq, data FROM blocks "
                 f"WHERE link = ? AND direction = ? AND held_by IS NULL ORDER BY seq LIMIT ?{tx.skip_locked}",
                 (link, direction, count),
             )
@@ -519,7 +516,7 @@ class SqlKeyStore(KeyStore):
         def op(tx: Tx) -> list[StoredKey]:
             need = count * blocks_per_key
             tx.cur.execute(
-                f"SELECT seq, data FROM blocks{self.free_index} "
+                "SELECT seq, data FROM blocks "
                 f"WHERE link = ? AND direction = 0 AND held_by IS NULL ORDER BY seq LIMIT ?{tx.skip_locked}",
                 (link, need),
             )

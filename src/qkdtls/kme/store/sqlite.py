@@ -131,7 +131,7 @@ class SqliteKeyStore(SqlKeyStore):
     async def _read_ahead(self, link: int, direction: int, above: int, limit: int) -> list[Block]:
         def op(tx: Tx) -> list[Block]:
             tx.cur.execute(
-                f"SELECT seq, data FROM blocks{self.free_index} WHERE link = ? AND direction = ? "
+                "SELECT seq, data FROM blocks WHERE link = ? AND direction = ? "
                 "AND held_by IS NULL AND seq > ? ORDER BY seq LIMIT ?",
                 (link, direction, above, limit),
             )
