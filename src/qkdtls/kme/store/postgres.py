@@ -10,7 +10,10 @@ are freed by :meth:`release_stale_holds` once they are older than any peer timeo
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +46,13 @@ CREATE TABLE counters (
     link BIGINT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (link, name));
 """
 
+log = logging.getLogger(__name__)
+
+# A deadlock or serialization failure rolls the whole batch back; it then runs again (the operations are
+# functions of the database state) after a jittered pause, at most this many times.
+RETRIES = 4
+RETRY_PAUSE = 0.01  # seconds, doubled per attempt, times a random factor in [0.5, 1.5)
+
 _MIGRATION_LOCK = 0x716B64746C73  # advisory lock id: processes starting together create the schema once
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -51,12 +61,16 @@ class PostgresKeyStore(SqlKeyStore):
     lock_clause = " FOR UPDATE"
     skip_locked_clause = " FOR UPDATE SKIP LOCKED"
     integrity_errors = (psycopg.IntegrityError,) if psycopg is not None else ()
+    retryable_errors = (
+        (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) if psycopg is not None else ()
+    )
 
     def __init__(self, url: str, *, connect_timeout: int = 10) -> None:
         super().__init__()
         if psycopg is None:
             raise StoreUnavailable("the PostgreSQL key store needs psycopg (pip install qkdtls[postgres])")
         self._sql_cache: dict[str, str] = {}
+        self.retries = 0  # batches run again after a conflict (tests and logs)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kme-pg")
         try:
             self._conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
@@ -100,6 +114,29 @@ class PostgresKeyStore(SqlKeyStore):
 
     async def _execute(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run_batch, ops)
+
+    def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """One batch, run again after a deadlock or serialization failure (in this store's own thread, so the
+        pause blocks no event loop). Other processes on the database cause these, not the operations."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return super()._run_batch(ops)
+            except self.retryable_errors as exc:
+                if attempt == RETRIES:
+                    raise
+                pause = RETRY_PAUSE * 2**attempt * random.uniform(0.5, 1.5)
+                self.retries += 1
+                log.warning(
+                    "key store transaction conflict; retrying",
+                    extra={
+                        "event": "store.retry",
+                        "error": type(exc).__name__,
+                        "attempt": attempt + 1,
+                        "pause": round(pause, 4),
+                    },
+                )
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._closed:

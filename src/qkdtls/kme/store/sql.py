@@ -105,6 +105,9 @@ class SqlKeyStore(KeyStore):
     skip_locked_clause = ""
     # The driver's exception for a violated constraint (set by each subclass).
     integrity_errors: tuple[type[Exception], ...] = ()
+    # Failures that say nothing about the operation (a deadlock, a serialization conflict): the whole
+    # transaction is rolled back and the caller may run the batch again (PostgreSQL does, see postgres.py).
+    retryable_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self) -> None:
         self.holder = secrets.token_hex(8)
@@ -166,6 +169,8 @@ class SqlKeyStore(KeyStore):
         for op in ops:
             try:
                 results.append((True, op(tx)))
+            except self.retryable_errors:
+                raise
             except Exception:
                 return None
         self._write_counters(cur, total)
@@ -180,6 +185,8 @@ class SqlKeyStore(KeyStore):
             cur.execute("SAVEPOINT op")
             try:
                 result = op(tx)
+            except self.retryable_errors:
+                raise
             except Exception as exc:
                 cur.execute("ROLLBACK TO SAVEPOINT op")
                 cur.execute("RELEASE SAVEPOINT op")
