@@ -74,6 +74,10 @@ def test_relative_paths_resolve_against_the_file(bed: Testbed, tmp_path: Path) -
             "saes[1].serial: same certificate identity as saes[0]",
         ),
         (lambda d: d["saes"][2].update(multicast="no"), "saes[2].multicast: must be true or false"),
+        (
+            lambda d: d["service"].update(key_id_mode="reference"),
+            'service.min_key_size: must be at least 128 with key_id_mode = "reference"',
+        ),
         (lambda d: d["service"].update(key_size=100), "service.key_size: must be a multiple of 8"),
         (lambda d: d["service"].update(key_id_mode="sha1"), "service.key_id_mode: must be"),
         (lambda d: d["store"].update(url="mysql://x"), "store.url: must start with"),
@@ -85,6 +89,12 @@ def test_errors_name_the_field(bed: Testbed, mutate: Any, expected: str) -> None
     doc = _doc(bed)
     mutate(doc)
     assert "kme.toml: " + expected in _error(bed, doc)
+
+
+def test_reference_key_ids_with_keys_of_128_bits_and_more(bed: Testbed) -> None:
+    doc = _doc(bed)
+    doc["service"].update(key_id_mode="reference", min_key_size=128)
+    assert parse_config(doc, origin="kme.toml", base=bed.root).service.key_id_mode == "reference"
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from qkdtls.kme.keyid import key_id_factory, random_key_id, reference_key_id
+from qkdtls.kme.service import ServiceSettings
 
 
 def test_reference_ids_match_the_rust_kme() -> None:
@@ -25,3 +26,9 @@ def test_factory() -> None:
     assert key_id_factory("random") is random_key_id
     with pytest.raises(ValueError):
         key_id_factory("sha1")
+
+
+def test_reference_ids_need_keys_of_at_least_128_bits() -> None:
+    with pytest.raises(ValueError, match="min_key_size >= 128"):
+        ServiceSettings(kme_id=1, key_id_mode="reference")  # min_key_size 64: 2^64 guesses find a key
+    assert ServiceSettings(kme_id=1, key_id_mode="reference", min_key_size=128).min_key_size == 128

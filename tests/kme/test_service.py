@@ -359,7 +359,7 @@ async def test_restart_keeps_reservations(bed: Bed) -> None:
 
 async def test_reference_key_ids(bed: Bed) -> None:
     await bed.services[1].close()
-    one = bed.open(1, key_id_mode="reference")
+    one = bed.open(1, key_id_mode="reference", min_key_size=128)
     await bed.feed(1, 2, 32 * 2)
     [key] = (await one.enc_keys(11, "21", KeyRequest())).keys
     from qkdtls.kme.keyid import reference_key_id

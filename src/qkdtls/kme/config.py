@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE
 from qkdtls.kme.service import SaeEntry, ServiceSettings
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -333,6 +334,13 @@ def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
         raise r.error("key_size", "must lie within min_key_size..max_key_size")
     if mode == "reference" and values["key_size"] != 256:
         raise r.error("key_id_mode", '"reference" key IDs need key_size = 256')
+    if mode == "reference" and values["min_key_size"] < REFERENCE_MIN_KEY_SIZE:
+        # The ID is SHA-1 of the key and TLS-QKD sends it in clear: a short key is found by trying them all.
+        raise r.error(
+            "min_key_size",
+            f'must be at least {REFERENCE_MIN_KEY_SIZE} with key_id_mode = "reference" (the key ID is SHA-1 '
+            "of the key and travels in clear: shorter keys can be found from their ID)",
+        )
     if values["stale_hold_after"] <= values["peer_timeout"]:
         raise r.error("stale_hold_after", "must exceed peer_timeout")
     try:

@@ -2,8 +2,12 @@
 
 The reference KME names a key by SHA-1 of its bytes shaped as a version-5 UUID and then written with
 Microsoft's little-endian field order (``uuid::Uuid::to_bytes_le``); ``reference_key_id`` reproduces that
-string exactly so that TLS-QKD peers built on the reference code see the IDs they expect. SHA-1 is used as a
-name, not for security: anyone holding the key can compute it, and only holders of the key ever see it.
+string exactly so that TLS-QKD peers built on the reference code see the IDs they expect.
+
+Such an ID is 122 bits of SHA-1 of the key, and TLS-QKD sends key IDs in clear: whoever watches the network
+can test key guesses against it. A k-bit key then costs 2^k SHA-1 evaluations to recover (2^k / N with N
+IDs seen). ``REFERENCE_MIN_KEY_SIZE`` = 128 keeps that at the generic security of AES-128 (the weakest TLS
+suite these keys feed); the configuration refuses reference IDs with a smaller ``min_key_size``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import uuid
 from collections.abc import Callable
 
 KEY_ID_MODES = ("random", "reference")
+REFERENCE_MIN_KEY_SIZE = 128  # bits; see the module docstring
 
 
 def random_key_id(_key: bytes = b"") -> str:

@@ -42,7 +42,7 @@ from qkdtls.kme.errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from qkdtls.kme.keyid import key_id_factory
+from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE, key_id_factory
 from qkdtls.kme.reservation import Reservation, ReservedKey
 from qkdtls.kme.store import (
     Block,
@@ -83,6 +83,11 @@ class ServiceSettings:
         key_id_factory(self.key_id_mode)
         if self.key_size % 8 or not 8 <= self.min_key_size <= self.key_size <= self.max_key_size:
             raise ValueError("need 8 <= min_key_size <= key_size <= max_key_size, key_size a multiple of 8")
+        if self.key_id_mode == "reference" and self.min_key_size < REFERENCE_MIN_KEY_SIZE:
+            raise ValueError(
+                f'key_id_mode = "reference" needs min_key_size >= {REFERENCE_MIN_KEY_SIZE}: the key ID is a '
+                "hash of the key and travels in clear"
+            )
         if self.block_size <= 0 or self.max_key_per_request <= 0 or self.max_SAE_ID_count < 0:
             raise ValueError("block_size and max_key_per_request must be positive")
         if self.stale_hold_after <= self.peer_timeout:
