@@ -64,9 +64,11 @@ def test_key_from_kme_1_is_collected_at_kme_2(testbed: Testbed) -> None:
         got = slave.dec_keys(MASTER, [k.key_ID for k in sent.keys])
         assert [(k.key_ID, k.key) for k in got.keys] == [(k.key_ID, k.key) for k in sent.keys]
         assert all(len(k.key) == 64 for k in got.keys)
-        # A key is erased once its slave collected it.
+        # A collected key stays collectable by its slave for the re-collection window, by nobody else.
+        again = slave.dec_keys(MASTER, [sent.keys[0].key_ID])
+        assert (again.keys[0].key_ID, again.keys[0].key) == (sent.keys[0].key_ID, sent.keys[0].key)
         with pytest.raises(KmeRefused) as info:
-            slave.dec_keys(MASTER, [sent.keys[0].key_ID])
+            master.dec_keys(SLAVE, [sent.keys[0].key_ID])
         assert info.value.status == 400
 
 

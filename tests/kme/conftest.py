@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pytest
 
 from qkdtls.kme.config import KmeConfig, load_config
 from qkdtls.kme.server import KmeServer
+from qkdtls.kme.store import KeyStore, open_store
 from qkdtls.testbed import Testbed
 
 SMALL_STOCK = 64 * 1024  # 2048 blocks of 32 bytes per link: enough for every functional test
@@ -61,6 +63,49 @@ class Caller:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A key store on a SQLite file, then on a fresh PostgreSQL database (same tests for both)."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'kme.sqlite3'}"
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[KeyStore]:
+    s = open_store(store_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def two_databases(postgres_server: str) -> Iterator[dict[int, str]]:
+    """A fresh PostgreSQL database for each KME of a testbed (store URLs by KME ID); dropped afterwards."""
+    import psycopg
+
+    names = {k: f"kme{k}_{os.getpid()}" for k in (1, 2)}
+    with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
+        for name in names.values():
+            conn.execute(f"CREATE DATABASE {name}")
+    base = postgres_server.rsplit("/", 1)[0]
+    try:
+        yield {k: f"{base}/{name}" for k, name in names.items()}
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
+            for name in names.values():
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stores(request: pytest.FixtureRequest) -> Any:
+    """``store=`` of Testbed.create: a SQLite file per KME, then a PostgreSQL database per KME."""
+    if request.param == "sqlite":
+        return "sqlite"
+    return request.getfixturevalue("two_databases")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from qkdtls.kme.config import ConfigError, load_config, parse_config, parse_fingerprint, parse_serial
+from qkdtls.kme.quotas import DEFAULT_MAX_UNCOLLECTED, QuotaSettings, RateLimit, SaeQuota
 from qkdtls.testbed import Testbed
 
 
@@ -78,6 +79,21 @@ def test_relative_paths_resolve_against_the_file(bed: Testbed, tmp_path: Path) -
             lambda d: d["service"].update(key_id_mode="reference"),
             'service.min_key_size: must be at least 128 with key_id_mode = "reference"',
         ),
+        (lambda d: d["service"].update(recollect_window=-1), "service.recollect_window: must be a number"),
+        (lambda d: d["service"].update(recollect_window=7200), "service.recollect_window: must be a number"),
+        (lambda d: d["saes"][2].update(recollect_window="1m"), "saes[2].recollect_window: must be a number"),
+        (lambda d: d["saes"][0].update(max_uncollected=-1), "saes[0].max_uncollected: must be between"),
+        (lambda d: d.update(quotas={"master_rate": -1.0}), "quotas.master_rate: must be a number"),
+        (lambda d: d.update(quotas={"pair_burst": 0}), "quotas.pair_burst: must be between 1"),
+        (lambda d: d.update(quotas={"colour": 1}), "quotas.colour: unknown field"),
+        (
+            lambda d: d.update(quotas={"pairs": [{"master": 1001, "slave": 9, "rate": 1.0}]}),
+            "quotas.pairs[0].slave: SAE 9 is not in [[saes]]",
+        ),
+        (
+            lambda d: d.update(quotas={"pairs": [{"master": 1001, "slave": 2001}]}),
+            "quotas.pairs[0].rate: must be greater than 0",
+        ),
         (lambda d: d["service"].update(key_size=100), "service.key_size: must be a multiple of 8"),
         (lambda d: d["service"].update(key_id_mode="sha1"), "service.key_id_mode: must be"),
         (lambda d: d["store"].update(url="mysql://x"), "store.url: must start with"),
@@ -89,6 +105,33 @@ def test_errors_name_the_field(bed: Testbed, mutate: Any, expected: str) -> None
     doc = _doc(bed)
     mutate(doc)
     assert "kme.toml: " + expected in _error(bed, doc)
+
+
+def test_key_delivery_policy(bed: Testbed) -> None:
+    doc = _doc(bed)
+    doc["service"].update(recollect_window=0, key_id_mode="reference", min_key_size=128)
+    doc["quotas"] = {
+        "master_rate": 100.0,
+        "max_uncollected": 500,
+        "pairs": [{"master": 1002, "slave": 2001, "rate": 5.5, "burst": 11}],
+    }
+    doc["saes"][1].update(master_burst=50, pair_rate=2.0, multicast=False)  # 1002
+    doc["saes"][2].update(recollect_window=30, max_uncollected=0)  # 2001 at the peer
+    cfg = parse_config(doc, origin="kme.toml", base=bed.root)
+    service = cfg.service
+    assert service.recollect_window == 0.0 and service.key_id_mode == "reference"
+    quotas = service.quotas
+    assert quotas.default == SaeQuota(master_rate=RateLimit(100.0, 128), max_uncollected=500)
+    assert quotas.of(1001) == quotas.default
+    assert quotas.of(1002) == SaeQuota(RateLimit(100.0, 50), RateLimit(2.0, 128), 500)
+    assert quotas.of(2001) == SaeQuota(master_rate=RateLimit(100.0, 128), max_uncollected=0)
+    assert quotas.pairs == {(1002, 2001): RateLimit(5.5, 11)}
+    entries = cfg.sae_entries()
+    assert entries[2001].recollect_window == 30.0 and entries[1001].recollect_window is None
+    assert entries[1002].multicast is False
+    defaults = load_config(bed.config_path(1)).service
+    assert defaults.recollect_window == 60.0 and defaults.quotas == QuotaSettings()
+    assert defaults.quotas.default.max_uncollected == DEFAULT_MAX_UNCOLLECTED
 
 
 def test_reference_key_ids_with_keys_of_128_bits_and_more(bed: Testbed) -> None:
@@ -140,6 +183,10 @@ def test_documented_example_is_complete_and_valid(tmp_path: Path) -> None:
     assert cfg.saes[1].identity is not None and cfg.saes[1].identity.fingerprint is not None
     assert [s.multicast for s in cfg.saes] == [False, True, True]
     assert cfg.sae_entries()[1001].multicast is False
+    assert cfg.service.recollect_window == 60.0 and cfg.sae_entries()[1002].recollect_window == 0.0
+    quotas = cfg.service.quotas
+    assert quotas.default == SaeQuota() and quotas.pairs == {(1002, 2001): RateLimit(50.0, 100)}
+    assert quotas.of(1002) == SaeQuota(master_rate=RateLimit(200.0, 128), max_uncollected=1000)
 
 
 def test_qkdtls_command_validates_a_config(bed: Testbed) -> None:

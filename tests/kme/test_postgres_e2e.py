@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +11,6 @@ from qkdtls.testbed import Testbed
 from .conftest import SMALL_STOCK, Caller, tls_client_context
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def two_databases(postgres_server: str) -> Iterator[dict[int, str]]:
-    import psycopg
-
-    names = {k: f"kme{k}_{os.getpid()}" for k in (1, 2)}
-    with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
-        for name in names.values():
-            conn.execute(f"CREATE DATABASE {name}")
-    base = postgres_server.rsplit("/", 1)[0]
-    try:
-        yield {k: f"{base}/{name}" for k, name in names.items()}
-    finally:
-        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=10) as conn:
-            for name in names.values():
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _caller(bed: Testbed, sae: int) -> Caller:

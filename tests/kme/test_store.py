@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,22 +25,6 @@ from qkdtls.kme.store import (
 )
 
 LINK, LOCAL = 2, 1
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'kme.sqlite3'}"
-    return str(request.getfixturevalue("postgres_dsn"))
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[KeyStore]:
-    s = open_store(store_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def feed(
@@ -166,7 +149,8 @@ async def test_expiry_deletes_only_due_keys(store: KeyStore) -> None:
     await feed(store, os.urandom(32 * 4), link=LOCAL)
     [old] = await store.take_local(LOCAL, 1, 1, 256, random_key_id, 7, [8], time.time() - 1)
     [new] = await store.take_local(LOCAL, 1, 1, 256, random_key_id, 7, [8], time.time() + 60)
-    assert await store.expire(time.time()) == [(LOCAL, old.key_id)]
+    swept = await store.expire(time.time())
+    assert swept.expired == [(LOCAL, old.key_id)] and swept.erased == []
     with pytest.raises(KeysNotFound):
         await store.collect(7, 8, [old.key_id])
     assert (await store.collect(7, 8, [new.key_id]))[0].data == new.data

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_cli_end_to_end(running: Testbed, capsys: pytest.CaptureFixture[str]) ->
     )
     assert {link["peer_KME_ID"] for link in links["links"]} == {1, 2}
     # A mistake is reported on stderr with exit status 2, without a traceback.
-    assert kme_cli(["get-keys-by-id", *sae_args(bed, 2001), "1001", *ids]) == 2
+    assert kme_cli(["get-keys-by-id", *sae_args(bed, 2001), "1001", str(uuid.uuid4())]) == 2
     assert MSG_KEYS_NOT_FOUND in capsys.readouterr().err
     assert kme_cli(["check-config", "--config", str(bed.config_path(2))]) == 0
 

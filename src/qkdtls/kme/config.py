@@ -7,6 +7,7 @@ directory of the configuration file. ``docs/kme.example.toml`` documents every f
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE
-from qkdtls.kme.service import SaeEntry, ServiceSettings
+from qkdtls.kme.quotas import DEFAULT_BURST, QuotaSettings, RateLimit, SaeQuota
+from qkdtls.kme.service import MAX_RECOLLECT_WINDOW, SaeEntry, ServiceSettings
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -90,9 +92,16 @@ class SaeConfig:
     identity: CertIdentity | None  # required for SAEs of this KME, forbidden for others
     # Key policy of this SAE (see _sae_key_policy); defaults keep plain ETSI 014 behaviour.
     multicast: bool = True
+    recollect_window: float | None = None  # None: [service] recollect_window
+    quota: SaeQuota | None = None  # None: the [quotas] defaults
 
     def entry(self) -> SaeEntry:
-        return SaeEntry(sae_id=self.sae_id, kme_id=self.kme_id, multicast=self.multicast)
+        return SaeEntry(
+            sae_id=self.sae_id,
+            kme_id=self.kme_id,
+            multicast=self.multicast,
+            recollect_window=self.recollect_window,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +331,9 @@ def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
         )
     for name in ("reservation_ttl", "peer_timeout", "stale_hold_after"):
         values[name] = r.number(name, getattr(defaults, name), hi=30 * 86400.0)
+    values["recollect_window"] = _seconds_or_zero(
+        r, "recollect_window", defaults.recollect_window, MAX_RECOLLECT_WINDOW
+    )
     mode = r.string("key_id_mode", defaults.key_id_mode)
     if mode not in ("random", "reference"):
         raise r.error("key_id_mode", 'must be "random" or "reference"')
@@ -349,9 +361,66 @@ def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
         raise r.error(None, str(exc)) from None
 
 
-def _sae_key_policy(r: _Reader) -> dict[str, Any]:
+# -- key-delivery policy: [service] recollect_window, [quotas], and the policy fields of [[saes]] ----------
+
+
+def _seconds_or_zero(r: _Reader, name: str, default: float, hi: float) -> float:
+    value = r._get(name, default, False)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise r.error(name, f"must be a number of seconds within 0..{hi:g}")
+    return float(value)
+
+
+def _rate(r: _Reader, rate_name: str, burst_name: str, default: RateLimit | None) -> RateLimit | None:
+    """A token bucket from ``<rate_name>`` (keys/s, 0 = no limit) and ``<burst_name>`` (keys)."""
+    rate = _seconds_or_zero(r, rate_name, default.rate if default else 0.0, 1e9)
+    burst = r.integer(burst_name, default.burst if default else DEFAULT_BURST, lo=1, hi=2**31 - 1)
+    return RateLimit(rate, burst) if rate > 0 else None
+
+
+_QUOTA_FIELDS = ("master_rate", "master_burst", "pair_rate", "pair_burst", "max_uncollected")
+
+
+def _quota(r: _Reader, default: SaeQuota) -> SaeQuota:
+    return SaeQuota(
+        master_rate=_rate(r, "master_rate", "master_burst", default.master_rate),
+        pair_rate=_rate(r, "pair_rate", "pair_burst", default.pair_rate),
+        max_uncollected=r.integer("max_uncollected", default.max_uncollected, lo=0, hi=2**31 - 1),
+    )
+
+
+def _sae_key_policy(r: _Reader, quota_default: SaeQuota) -> dict[str, Any]:
     """Key-delivery fields of one ``[[saes]]`` entry (SaeConfig fields after ``identity``)."""
-    return {"multicast": r.boolean("multicast", True)}
+    policy: dict[str, Any] = {"multicast": r.boolean("multicast", True)}
+    if r.has("recollect_window"):
+        policy["recollect_window"] = _seconds_or_zero(r, "recollect_window", 0.0, MAX_RECOLLECT_WINDOW)
+    if any(r.has(name) for name in _QUOTA_FIELDS):
+        policy["quota"] = _quota(r, quota_default)
+    return policy
+
+
+def _quota_pairs(r: _Reader | None, saes: list[SaeConfig]) -> dict[tuple[int, int], RateLimit]:
+    """``[[quotas.pairs]]``: a rate limit for one (master, slave) pair."""
+    if r is None:
+        return {}
+    known = {s.sae_id for s in saes}
+    pairs: dict[tuple[int, int], RateLimit] = {}
+    for p in r.tables("pairs"):
+        master, slave = p.integer("master", required=True), p.integer("slave", required=True)
+        for name, sae in (("master", master), ("slave", slave)):
+            if sae not in known:
+                raise p.error(name, f"SAE {sae} is not in [[saes]]")
+        if master == slave or (master, slave) in pairs:
+            raise p.error("slave", "must differ from master, one entry per pair")
+        rate = _rate(p, "rate", "burst", None)
+        if rate is None:
+            raise p.error("rate", "must be greater than 0 (keys per second)")
+        p.finish()
+        pairs[(master, slave)] = rate
+    return pairs
+
+
+# -- end of key-delivery policy ----------------------------------------------------------------------------
 
 
 def _peer(r: _Reader) -> Peer:
@@ -415,6 +484,8 @@ def parse_config(
         raise root.error("store.url", "must start with sqlite:// or postgresql://")
 
     service = _service(root.table("service"), kme_id)
+    quotas_r = root.table("quotas")
+    quota_default = _quota(quotas_r, SaeQuota()) if quotas_r is not None else SaeQuota()
 
     local_r = root.table("local_link")
     local = None
@@ -451,9 +522,20 @@ def parse_config(
             raise s.error("kme_id", f"KME {sae_kme} is neither this KME nor a configured peer")
         if any(x.sae_id == sae_id for x in saes):
             raise root.error(f"saes[{i}].id", f"duplicate SAE {sae_id}")
-        policy = _sae_key_policy(s)
+        policy = _sae_key_policy(s, quota_default)
         s.finish()
         saes.append(SaeConfig(sae_id=sae_id, kme_id=sae_kme, identity=identity, **policy))
+    pairs = _quota_pairs(quotas_r, saes)
+    if quotas_r is not None:
+        quotas_r.finish()
+    service = dataclasses.replace(
+        service,
+        quotas=QuotaSettings(
+            default=quota_default,
+            saes={s.sae_id: s.quota for s in saes if s.quota is not None},
+            pairs=pairs,
+        ),
+    )
 
     admins: list[AdminConfig] = []
     for a in root.tables("admins"):

@@ -4,7 +4,7 @@ The HTTP layer turns a :class:`KmeError` into ``status`` with body ``{"message":
 Messages never contain key material. :class:`PeerUnavailable` and :class:`PeerRejected` are raised by a peer
 gateway (the inter-KME client) and mapped by the service to 503 after releasing or burning the held blocks.
 On the callee side, :class:`BlocksTakenError` (HTTP 409) is what a gateway turns back into
-:class:`PeerRejected`.
+:class:`PeerRejected`, and :class:`UncollectedQuotaError` (HTTP 429) into :class:`PeerQuotaExceeded`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,23 @@ class BlocksTakenError(KmeError):
     status = 409
 
 
+class UncollectedQuotaError(KmeError):
+    """Inter-KME only: the master SAE of a reservation has too many keys not collected at this KME.
+
+    The SAE interface never shows 429 (ETSI 014 allows 400, 401, 503): the master KME answers its SAE 503
+    with this message."""
+
+    status = 429
+
+
 class PeerUnavailable(Exception):
     """The peer KME could not be reached or answered with an error that says nothing about the blocks."""
 
 
 class PeerRejected(Exception):
     """The peer KME refused the reservation because some blocks are not free there: they must be burnt."""
+
+
+class PeerQuotaExceeded(Exception):
+    """The peer KME refused the reservation for a quota (its 429); the blocks are released, and the message
+    (safe to show the master SAE) says which."""

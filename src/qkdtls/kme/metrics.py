@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -65,6 +65,33 @@ class RequestStats(Collector):
         yield responses
 
 
+class PolicyStats(Collector):
+    """Refusals by reason and uncollected keys per master SAE, as the service last reported them."""
+
+    def __init__(self) -> None:
+        self.refusals: Mapping[str, int] = {}
+        self.uncollected: Mapping[int, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        refusals = CounterMetricFamily(
+            "qkdtls_kme_refusals",
+            "enc_keys requests (and peer reservations) refused: master_rate, pair_rate, uncollected, "
+            "reservation_uncollected, stock",
+            labels=("reason",),
+        )
+        for reason, count in sorted(self.refusals.items()):
+            refusals.add_metric((reason,), count)
+        yield refusals
+        uncollected = GaugeMetricFamily(
+            "qkdtls_kme_uncollected_keys",
+            "Keys stored at this KME and not yet collected by every slave, per master SAE",
+            labels=("master_sae",),
+        )
+        for master, count in sorted(self.uncollected.items()):
+            uncollected.add_metric((str(master),), count)
+        yield uncollected
+
+
 class KmeMetrics:
     def __init__(self, kme_id: int) -> None:
         self.kme_id = kme_id
@@ -84,6 +111,8 @@ class KmeMetrics:
         )
         self.requests = RequestStats()
         r.register(self.requests)
+        self.policy = PolicyStats()
+        r.register(self.policy)
         self.stock_blocks = Gauge(
             "qkdtls_kme_stock_blocks",
             "Free key blocks per link and direction",
@@ -96,6 +125,12 @@ class KmeMetrics:
         self.reserved_keys = Gauge(
             "qkdtls_kme_reserved_keys",
             "Keys reserved and not yet collected per link",
+            ("peer_kme",),
+            registry=r,
+        )
+        self.recollectable_keys = Gauge(
+            "qkdtls_kme_recollectable_keys",
+            "Keys collected by every slave and kept for their re-collection window, per link",
             ("peer_kme",),
             registry=r,
         )
@@ -119,8 +154,13 @@ class KmeMetrics:
                 self.stock_blocks.labels(peer, str(direction)).set(blocks)
             self.stock_bytes.labels(peer).set(rep.stock_bytes)
             self.reserved_keys.labels(peer).set(rep.reserved_keys)
+            self.recollectable_keys.labels(peer).set(rep.recollectable_keys)
             self.entropy.labels(peer).set(rep.entropy_bits_per_byte)
             self.imported_bytes.labels(peer).set(rep.imported_bytes)
+
+    def update_policy(self, refusals: Mapping[str, int], uncollected: Mapping[int, int]) -> None:
+        self.policy.refusals = dict(refusals)
+        self.policy.uncollected = dict(uncollected)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

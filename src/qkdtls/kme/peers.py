@@ -15,6 +15,8 @@ must tell apart (docs/design.md, key lifecycle):
 - 200: the peer committed the reservation;
 - 409 (``BlocksTakenError``): the peer's copies of the blocks are used already → :class:`PeerRejected`
   (burn them);
+- 429 (``UncollectedQuotaError``): the master SAE has too many keys not collected at the peer →
+  :class:`PeerQuotaExceeded` (release the blocks; the master SAE gets 503 with the peer's message);
 - anything else (network error, timeout, 4xx, 5xx) → :class:`PeerUnavailable` (release the blocks).
 """
 
@@ -32,7 +34,14 @@ from qkdtls.http11.client import HttpClient, HttpClientError
 from qkdtls.http11.server import Request, Response, Router
 from qkdtls.kme.auth import IdentityMap, client_context, peer_certificate
 from qkdtls.kme.config import Peer
-from qkdtls.kme.errors import BadRequestError, KmeError, PeerRejected, PeerUnavailable, UnauthorizedError
+from qkdtls.kme.errors import (
+    BadRequestError,
+    KmeError,
+    PeerQuotaExceeded,
+    PeerRejected,
+    PeerUnavailable,
+    UnauthorizedError,
+)
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.reservation import Reservation
 from qkdtls.kme.routes import MSG_INTERNAL, dumps, json_response, parse_json_body
@@ -42,7 +51,8 @@ log = logging.getLogger("qkdtls.kme.peers")
 
 RESERVATIONS_PATH = "/kme/v1/reservations"
 STATUS_BLOCKS_NOT_FREE = 409
-INTER_KME_STATUSES = frozenset({400, 401, STATUS_BLOCKS_NOT_FREE, 503})
+STATUS_QUOTA = 429  # the reservation's master SAE has too many keys not collected at the callee
+INTER_KME_STATUSES = frozenset({400, 401, STATUS_BLOCKS_NOT_FREE, STATUS_QUOTA, 503})
 MSG_NOT_A_PEER = "the client certificate does not identify a peer KME of this KME"
 # A batch stays far below the callee's body limit (4 MiB) and bounds the work of one request.
 MAX_BATCH = 64
@@ -269,6 +279,8 @@ def _outcomes(peer_kme_id: int, answer: bytes, count: int) -> list[Exception | N
             outcomes.append(None)
         elif status == STATUS_BLOCKS_NOT_FREE:
             outcomes.append(PeerRejected(f"KME {peer_kme_id}: {message}"))
+        elif status == STATUS_QUOTA:
+            outcomes.append(PeerQuotaExceeded(message))
         else:
             log.warning(
                 "peer KME refused a reservation",

@@ -241,6 +241,7 @@ class SaeApi:
                 "stock_blocks": {str(d): n for d, n in sorted(rep.direction_blocks.items())},
                 "stock_bytes": rep.stock_bytes,
                 "reserved_keys": rep.reserved_keys,
+                "recollectable_keys": rep.recollectable_keys,
                 "entropy_bits_per_byte": rep.entropy_bits_per_byte,
                 "imported_bytes": rep.imported_bytes,
             }
@@ -253,6 +254,7 @@ class SaeApi:
         if self.metrics is None:
             raise BadRequestError("metrics are disabled in this KME's configuration")
         self.metrics.update_links(await self.service.link_reports())
+        self.metrics.update_policy(self.service.refusals, await self.service.uncollected_by_master())
         return Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import signal
 import time
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qkdtls.etsi014.models import (
@@ -38,11 +41,14 @@ from qkdtls.kme import entropy
 from qkdtls.kme.errors import (
     BadRequestError,
     BlocksTakenError,
+    PeerQuotaExceeded,
     PeerRejected,
     UnauthorizedError,
     UnavailableError,
+    UncollectedQuotaError,
 )
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE, key_id_factory
+from qkdtls.kme.quotas import QuotaRefused, QuotaSettings, RateLimiter
 from qkdtls.kme.reservation import Reservation, ReservedKey
 from qkdtls.kme.store import (
     Block,
@@ -55,11 +61,18 @@ from qkdtls.kme.store import (
     NotASlave,
     ShortStock,
     StoreError,
+    UncollectedQuota,
 )
 
 log = logging.getLogger(__name__)
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+MAX_RECOLLECT_WINDOW = 3600.0
+# Erasing keys whose window ended: rows per transaction (a short pause of the event loop on SQLite).
+SWEEP_CHUNK = 1000
+# Test-only fault injection (docs/design.md, crash safety): "kill-after-collect" makes the process SIGKILL
+# itself after a dec_keys commit and before its answer leaves. Read once, at service construction.
+FAULT_ENV = "QKDTLS_KME_FAULT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +91,10 @@ class ServiceSettings:
     peer_timeout: float = 10.0
     # Holds older than this belong to a dead process (must exceed peer_timeout by far).
     stale_hold_after: float = 120.0
+    # Seconds a slave may collect a key again after its first collection (its answer may have been lost);
+    # 0: a key is erased at its last slave's collection. SaeEntry.recollect_window overrides it per slave.
+    recollect_window: float = 60.0
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
 
     def __post_init__(self) -> None:
         key_id_factory(self.key_id_mode)
@@ -88,6 +105,8 @@ class ServiceSettings:
                 f'key_id_mode = "reference" needs min_key_size >= {REFERENCE_MIN_KEY_SIZE}: the key ID is a '
                 "hash of the key and travels in clear"
             )
+        if not 0 <= self.recollect_window <= MAX_RECOLLECT_WINDOW:
+            raise ValueError(f"recollect_window must lie within 0..{MAX_RECOLLECT_WINDOW:g} seconds")
         if self.block_size <= 0 or self.max_key_per_request <= 0 or self.max_SAE_ID_count < 0:
             raise ValueError("block_size and max_key_per_request must be positive")
         if self.stale_hold_after <= self.peer_timeout:
@@ -101,6 +120,8 @@ class SaeEntry:
     # False: this SAE takes part in no key with more than one slave, as master or as slave. A TLS-QKD
     # endpoint trusts a key because only the master and itself hold it; a co-slave could impersonate either.
     multicast: bool = True
+    # As a slave: seconds it may collect a key again (None: ServiceSettings.recollect_window).
+    recollect_window: float | None = None
 
 
 def key_holders(master: int, slaves: Sequence[int]) -> dict[str, Any]:
@@ -116,6 +137,7 @@ class LinkReport:
     reserved_keys: int
     entropy_bits_per_byte: float
     imported_bytes: int
+    recollectable_keys: int = 0
 
 
 class PeerGateway(Protocol):
@@ -152,6 +174,12 @@ class KmeService:
         # The local link (pairs of SAEs on this KME) always exists; its stock may be empty.
         self.links = frozenset(linked_kmes) | {settings.kme_id}
         self._make_id = key_id_factory(settings.key_id_mode)
+        self._limiter = RateLimiter(settings.quotas)
+        # Refused enc_keys and reservations by reason (metrics): master_rate, pair_rate, uncollected (this
+        # master's keys not collected, here or at the peer), reservation_uncollected (a peer's reservation
+        # refused here for that reason), stock.
+        self.refusals: Counter[str] = Counter()
+        self._fault = os.environ.get(FAULT_ENV, "")
 
     # -- helpers --------------------------------------------------------------------------------------------
 
@@ -181,6 +209,16 @@ class KmeService:
 
     def _blocks_per_key(self, size_bits: int) -> int:
         return math.ceil(size_bits / 8 / self.settings.block_size)
+
+    def _refuse(self, reason: str, message: str) -> UnavailableError:
+        self.refusals[reason] += 1
+        return UnavailableError(message)
+
+    def _uncollected_message(self, master: int, exc: UncollectedQuota) -> str:
+        return (
+            f"SAE {master} has {exc.uncollected} keys its slaves have not collected at KME "
+            f"{self.settings.kme_id} (limit {exc.limit}); retry when they have"
+        )
 
     def _check_size(self, size: int) -> None:
         s = self.settings
@@ -255,15 +293,22 @@ class KmeService:
             raise BadRequestError("the master SAE cannot also be a slave of its keys")
         self._check_multicast(caller_sae, slaves)
         link = self._link_to(slave.kme_id)
+        try:
+            self._limiter.admit(caller_sae, slave.sae_id, number, time.monotonic())
+        except QuotaRefused as exc:
+            raise self._refuse(exc.reason, exc.message) from None
         bpk = self._blocks_per_key(size)
         expires_at = time.time() + s.reservation_ttl
         if link == s.kme_id:
             try:
                 stored = await self.store.take_local(
-                    link, number, bpk, size, self._make_id, caller_sae, slaves, expires_at
-                )
+                    link, number, bpk, size, self._make_id, caller_sae, slaves, expires_at,
+                    max_uncollected=s.quotas.of(caller_sae).max_uncollected,
+                )  # fmt: skip
             except ShortStock:
-                raise UnavailableError("not enough key material for this SAE pair") from None
+                raise self._refuse("stock", "not enough key material for this SAE pair") from None
+            except UncollectedQuota as exc:
+                raise self._refuse("uncollected", self._uncollected_message(caller_sae, exc)) from None
             except StoreError as exc:
                 log.warning(
                     "local keys failed", extra={"event": "key.failed", "link": link, "error": str(exc)}
@@ -297,7 +342,7 @@ class KmeService:
         try:
             held = await self.store.hold_blocks(link, direction, number * bpk)
         except ShortStock:
-            raise UnavailableError("not enough key material for this SAE pair") from None
+            raise self._refuse("stock", "not enough key material for this SAE pair") from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
         seqs = [b.seq for b in held]
@@ -348,6 +393,9 @@ class KmeService:
                 extra={"event": "blocks.burnt", "link": link, "blocks": burnt, "first_seq": seqs[0]},
             )
             raise UnavailableError(f"KME {link} refused the key reservation; retry") from None
+        except PeerQuotaExceeded as exc:
+            await self.store.release_blocks(link, seqs)
+            raise self._refuse("uncollected", str(exc)) from None
         except Exception as exc:  # PeerUnavailable, timeouts, anything the gateway let through
             await self.store.release_blocks(link, seqs)
             log.warning(
@@ -383,8 +431,11 @@ class KmeService:
             ids = [parse_key_id(k) for k in key_ids]
         except BadRequest as exc:
             raise BadRequestError(exc.message) from None
+        window = s.recollect_window if me.recollect_window is None else me.recollect_window
         try:
-            stored = await self.store.collect(master.sae_id, caller_sae, ids, unicast_only=not me.multicast)
+            stored = await self.store.collect(
+                master.sae_id, caller_sae, ids, unicast_only=not me.multicast, recollect_window=window
+            )
         except NotASlave:
             raise UnauthorizedError(f"SAE {caller_sae} is not a slave of these keys") from None
         except MulticastRefused:
@@ -395,6 +446,8 @@ class KmeService:
             raise BadRequestError(MSG_KEYS_NOT_FOUND) from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
+        if self._fault == "kill-after-collect":  # committed, not answered: a crash at the worst moment
+            os.kill(os.getpid(), signal.SIGKILL)
         if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
             log.info(
                 "keys collected by slave",
@@ -453,7 +506,11 @@ class KmeService:
                 r.slave_SAE_IDs,
                 r.size,
                 time.time() + s.reservation_ttl,
+                max_uncollected=s.quotas.of(r.master_SAE_ID).max_uncollected,
             )
+        except UncollectedQuota as exc:
+            self.refusals["reservation_uncollected"] += 1
+            raise UncollectedQuotaError(self._uncollected_message(r.master_SAE_ID, exc)) from None
         except BlocksTaken as exc:
             log.warning(
                 "reservation refused",
@@ -493,23 +550,46 @@ class KmeService:
                     reserved_keys=stats.reserved_keys,
                     entropy_bits_per_byte=entropy.shannon_entropy(stats.histogram),
                     imported_bytes=stats.imported_bytes,
+                    recollectable_keys=stats.recollectable_keys,
                 )
             )
         return reports
 
     async def expire_reservations(self) -> int:
-        """Delete reserved keys past their TTL and free holds of dead processes; returns keys expired."""
+        """Erase keys past their reservation TTL or re-collection window and free holds of dead processes;
+        returns how many keys expired uncollected."""
         now = time.time()
-        expired = await self.store.expire(now)
-        if expired:
-            log.info(
-                "reserved keys expired",
-                extra={"event": "key.expired", "count": len(expired), "key_IDs": [k for _, k in expired]},
-            )
+        expired = 0
+        for _ in range(1000):  # bounded; each round is one short transaction
+            swept = await self.store.expire(now, SWEEP_CHUNK)
+            expired += len(swept.expired)
+            if swept.expired:
+                log.info(
+                    "reserved keys expired",
+                    extra={
+                        "event": "key.expired",
+                        "count": len(swept.expired),
+                        "key_IDs": [k for _, k in swept.expired],
+                    },
+                )
+            if swept.erased:
+                log.debug(
+                    "collected keys erased after their re-collection window",
+                    extra={"event": "key.erased", "count": len(swept.erased)},
+                )
+            if len(swept.expired) + len(swept.erased) < SWEEP_CHUNK:
+                break
         freed = await self.store.release_stale_holds(now - self.settings.stale_hold_after)
         if freed:
             log.warning("stale holds released", extra={"event": "blocks.released", "blocks": freed})
-        return len(expired)
+        return expired
+
+    async def uncollected_by_master(self) -> dict[int, int]:
+        """Keys stored at this KME that some slave has not collected yet, per master SAE."""
+        try:
+            return await self.store.uncollected_by_master()
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
 
     async def close(self) -> None:
         """Close the store (the service owns it from construction on)."""

@@ -21,6 +21,8 @@ from qkdtls.kme.store.base import (
     StoredKey,
     StoreError,
     StoreUnavailable,
+    Swept,
+    UncollectedQuota,
 )
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredKey",
+    "Swept",
+    "UncollectedQuota",
     "open_store",
 ]
 

@@ -41,6 +41,15 @@ class NotASlave(StoreError):
     """The key exists for that master but the caller is not one of its slaves."""
 
 
+class UncollectedQuota(StoreError):
+    """Recording the keys would leave their master with more than ``limit`` keys not collected yet."""
+
+    def __init__(self, uncollected: int, limit: int) -> None:
+        super().__init__(f"{uncollected} keys not collected yet (limit {limit})")
+        self.uncollected = uncollected
+        self.limit = limit
+
+
 class MulticastRefused(StoreError):
     """A key with several slaves was asked for by a slave that takes only keys of one master and one slave."""
 
@@ -82,11 +91,20 @@ class NewKeySpec:
 class LinkStats:
     link: int
     free_blocks: dict[int, int]
-    reserved_keys: int
+    reserved_keys: int  # waiting for at least one slave
     imported_bytes: int
     burnt_blocks: int
     expired_keys: int
     histogram: tuple[int, ...] = field(default=(0,) * 256)
+    recollectable_keys: int = 0  # collected by every slave, kept for the re-collection window
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one :meth:`KeyStore.expire` deleted, as (link, key ID) pairs."""
+
+    expired: list[tuple[int, str]]  # some slave never collected it within its reservation TTL
+    erased: list[tuple[int, str]]  # collected by every slave; the re-collection window ended
 
 
 class KeyStore(abc.ABC):
@@ -128,9 +146,12 @@ class KeyStore(abc.ABC):
         slaves: Sequence[int],
         size_bits: int,
         expires_at: float,
+        *,
+        max_uncollected: int = 0,
     ) -> None:
         """Slave side of a reservation: consume the named free blocks and record the keys. BlocksTaken if any
-        block is not free or a key ID exists; then nothing changes."""
+        block is not free or a key ID exists; UncollectedQuota if the master would then have more than
+        ``max_uncollected`` (> 0) keys not collected here; either way nothing changes."""
 
     @abc.abstractmethod
     async def take_local(
@@ -143,19 +164,37 @@ class KeyStore(abc.ABC):
         master_sae: int,
         slaves: Sequence[int],
         expires_at: float,
+        *,
+        max_uncollected: int = 0,
     ) -> list[StoredKey]:
-        """Local pair: consume blocks, record the keys for the slaves and return them for the master."""
+        """Local pair: consume blocks, record the keys for the slaves and return them for the master
+        (ShortStock, UncollectedQuota: nothing changes)."""
 
     @abc.abstractmethod
     async def collect(
-        self, master_sae: int, slave_sae: int, key_ids: Sequence[str], *, unicast_only: bool = False
+        self,
+        master_sae: int,
+        slave_sae: int,
+        key_ids: Sequence[str],
+        *,
+        unicast_only: bool = False,
+        recollect_window: float = 0.0,
     ) -> list[StoredKey]:
         """All-or-nothing delivery to a slave: NotASlave / KeysNotFound and nothing changes. With
-        ``unicast_only`` a key with more than one slave is refused (MulticastRefused), nothing changes."""
+        ``unicast_only`` a key with more than one slave is refused (MulticastRefused), nothing changes.
+
+        With ``recollect_window`` > 0 a first collection records that this slave may collect the key again
+        until ``recollect_window`` seconds from now, and the key stays stored (not awaited any more) until
+        the last of its slaves' windows ends; a collection by that slave within its window returns the same
+        bytes and changes nothing. With 0 the key is deleted once its last slave collected it."""
 
     @abc.abstractmethod
-    async def expire(self, now: float, limit: int = 10_000) -> list[tuple[int, str]]:
-        """Delete keys whose ``expires_at`` passed; returns (link, key ID) pairs."""
+    async def expire(self, now: float, limit: int = 1000) -> Swept:
+        """Delete up to ``limit`` keys whose reservation TTL or re-collection window ended before ``now``."""
+
+    @abc.abstractmethod
+    async def uncollected_by_master(self) -> dict[int, int]:
+        """Keys stored here and not yet collected by every slave, per master SAE (the quota's counter)."""
 
     @abc.abstractmethod
     async def release_stale_holds(self, held_before: float, limit: int = 10_000) -> int:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qkdtls.kme.store.base import StoreUnavailable
-from qkdtls.kme.store.sql import SCHEMA_VERSION, Op, SqlKeyStore
+from qkdtls.kme.store.sql import MIGRATE_1_TO_2, SCHEMA_VERSION, Op, SqlKeyStore
 
 try:
     import psycopg
@@ -34,7 +34,8 @@ CREATE INDEX blocks_free ON blocks (link, direction, seq) WHERE held_by IS NULL;
 CREATE INDEX blocks_held ON blocks (held_at) WHERE held_by IS NOT NULL;
 CREATE TABLE keys (
     key_id TEXT PRIMARY KEY, link BIGINT NOT NULL, master_sae BIGINT NOT NULL, slaves TEXT NOT NULL,
-    pending TEXT NOT NULL, size INTEGER NOT NULL, data BYTEA NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
+    pending TEXT NOT NULL, size INTEGER NOT NULL, data BYTEA NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    collected TEXT NOT NULL DEFAULT '');
 CREATE INDEX keys_expiry ON keys (expires_at);
 CREATE TABLE streams (
     link BIGINT PRIMARY KEY, block_size INTEGER NOT NULL, next_seq BIGINT NOT NULL, carry BYTEA NOT NULL,
@@ -96,6 +97,11 @@ class PostgresKeyStore(SqlKeyStore):
                     )
                 cur.execute("SELECT value FROM meta WHERE name = 'schema_version'")
                 version = cur.fetchone()
+                if version is not None and int(version[0]) == 1:
+                    for statement in MIGRATE_1_TO_2:
+                        cur.execute(statement)
+                    cur.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+                    version = ("2",)
                 if version is None or int(version[0]) != SCHEMA_VERSION:
                     raise StoreUnavailable(f"key store schema version {version} is not {SCHEMA_VERSION}")
                 cur.execute("COMMIT")

@@ -35,12 +35,14 @@ from qkdtls.kme.store.base import (
     StoredKey,
     StoreError,
     StoreUnavailable,
+    Swept,
+    UncollectedQuota,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_BATCH = 512
 # Loop turns a batch waits for more operations before it commits (see ``_flush``).
 GATHER_TURNS = 8
@@ -96,6 +98,35 @@ def _ids(text: str) -> list[int]:
 
 def _join(ids: Sequence[int]) -> str:
     return ",".join(str(i) for i in ids)
+
+
+def _windows(text: str) -> dict[int, float]:
+    """``keys.collected``: ``sae@deadline,...``, the slaves that collected the key and until when (epoch
+    seconds) each may collect it again."""
+    out: dict[int, float] = {}
+    for item in text.split(","):
+        if item:
+            sae, _, deadline = item.partition("@")
+            out[int(sae)] = float(deadline)
+    return out
+
+
+def _join_windows(windows: dict[int, float]) -> str:
+    return ",".join(f"{sae}@{deadline!r}" for sae, deadline in windows.items())
+
+
+def uncollected_counter(master_sae: int) -> str:
+    """Counter name: keys of a master SAE stored on a link and not yet collected by every slave."""
+    return f"uncollected:{master_sae}"
+
+
+# Schema 1 → 2: keys collected by every slave stay for their re-collection window (``collected``), and the
+# per-master count of uncollected keys is a counter. In schema 1 every stored key is uncollected.
+MIGRATE_1_TO_2 = (
+    "ALTER TABLE keys ADD COLUMN collected TEXT NOT NULL DEFAULT ''",
+    "INSERT INTO counters(link, name, value) "
+    "SELECT link, 'uncollected:' || CAST(master_sae AS TEXT), COUNT(*) FROM keys GROUP BY link, master_sae",
+)
 
 
 class SqlKeyStore(KeyStore):
@@ -446,6 +477,21 @@ class SqlKeyStore(KeyStore):
 
     # -- slave side and local pairs -------------------------------------------------------------------------
 
+    def _check_uncollected(self, tx: Tx, link: int, master_sae: int, count: int, limit: int) -> None:
+        """UncollectedQuota if ``count`` more keys would leave the master above ``limit`` (0: no cap).
+
+        Exact within one process (the batch's own changes are counted); PostgreSQL processes sharing a
+        database may each pass the check with their batch in flight, so the cap is exceeded by at most
+        those batches."""
+        if limit <= 0:
+            return
+        name = uncollected_counter(master_sae)
+        tx.cur.execute("SELECT value FROM counters WHERE link = ? AND name = ?", (link, name))
+        row = tx.cur.fetchone()
+        current = tx.counter(link, name, int(row[0]) if row else 0)
+        if current + count > limit:
+            raise UncollectedQuota(current, limit)
+
     def _insert_keys(
         self,
         tx: Tx,
@@ -476,6 +522,7 @@ class SqlKeyStore(KeyStore):
         except self.integrity_errors:
             raise BlocksTaken("a key ID is already in use") from None
         tx.add(link, "keys", len(keys))
+        tx.add(link, uncollected_counter(master_sae), len(keys))
 
     async def take_reserved(
         self,
@@ -486,11 +533,14 @@ class SqlKeyStore(KeyStore):
         slaves: Sequence[int],
         size_bits: int,
         expires_at: float,
+        *,
+        max_uncollected: int = 0,
     ) -> None:
         def op(tx: Tx) -> None:
             wanted = [seq for k in keys for seq in k.blocks]
             if len(set(wanted)) != len(wanted):
                 raise BlocksTaken("a block is named twice")
+            self._check_uncollected(tx, link, master_sae, len(keys), max_uncollected)
             data: dict[int, bytes] = {}
             for chunk in _chunks(wanted):
                 tx.cur.execute(
@@ -520,8 +570,11 @@ class SqlKeyStore(KeyStore):
         master_sae: int,
         slaves: Sequence[int],
         expires_at: float,
+        *,
+        max_uncollected: int = 0,
     ) -> list[StoredKey]:
         def op(tx: Tx) -> list[StoredKey]:
+            self._check_uncollected(tx, link, master_sae, count, max_uncollected)
             need = count * blocks_per_key
             tx.cur.execute(
                 "SELECT seq, data FROM blocks "
@@ -549,21 +602,29 @@ class SqlKeyStore(KeyStore):
         return await self._do(op)
 
     async def collect(
-        self, master_sae: int, slave_sae: int, key_ids: Sequence[str], *, unicast_only: bool = False
+        self,
+        master_sae: int,
+        slave_sae: int,
+        key_ids: Sequence[str],
+        *,
+        unicast_only: bool = False,
+        recollect_window: float = 0.0,
     ) -> list[StoredKey]:
         def op(tx: Tx) -> list[StoredKey]:
+            now = time.time()
             found: dict[str, StoredKey] = {}
             missing = not_slave = multicast = 0
             for key_id in dict.fromkeys(key_ids):
                 tx.cur.execute(
-                    f"SELECT link, master_sae, slaves, pending, data FROM keys WHERE key_id = ?{tx.lock}",
+                    "SELECT link, master_sae, slaves, pending, collected, data, expires_at FROM keys "
+                    f"WHERE key_id = ?{tx.lock}",
                     (key_id,),
                 )
                 row = tx.cur.fetchone()
                 if row is None or row[1] != master_sae:
                     missing += 1
                     continue
-                link, _, slaves, pending, data = row
+                link, _, slaves, pending, collected, data, expires_at = row
                 holders = _ids(slaves)
                 if slave_sae not in holders:
                     not_slave += 1
@@ -572,15 +633,14 @@ class SqlKeyStore(KeyStore):
                     multicast += 1
                     continue
                 left = _ids(pending)
-                if slave_sae not in left:
-                    missing += 1
+                if slave_sae in left:
+                    self._first_collection(
+                        tx, key_id, link, master_sae, slave_sae, left, collected, expires_at, now,
+                        recollect_window,
+                    )  # fmt: skip
+                elif _windows(collected).get(slave_sae, 0.0) <= now:
+                    missing += 1  # collected before, and its re-collection window is over
                     continue
-                left.remove(slave_sae)
-                if left:
-                    tx.cur.execute("UPDATE keys SET pending = ? WHERE key_id = ?", (_join(left), key_id))
-                else:
-                    tx.cur.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
-                    tx.add(link, "keys", -1)
                 found[key_id] = StoredKey(key_id, bytes(data), tuple(holders))
             if not_slave:
                 raise NotASlave(f"{not_slave} keys are not addressed to SAE {slave_sae}")
@@ -592,21 +652,75 @@ class SqlKeyStore(KeyStore):
 
         return await self._do(op)
 
+    @staticmethod
+    def _first_collection(
+        tx: Tx,
+        key_id: str,
+        link: int,
+        master_sae: int,
+        slave_sae: int,
+        left: list[int],
+        collected: str,
+        expires_at: float,
+        now: float,
+        window: float,
+    ) -> None:
+        left.remove(slave_sae)
+        windows = _windows(collected)
+        if window > 0:
+            windows[slave_sae] = now + window
+        if left:  # other slaves still to come: the reservation TTL still runs, and outlives this window
+            tx.cur.execute(
+                "UPDATE keys SET pending = ?, collected = ?, expires_at = ? WHERE key_id = ?",
+                (_join(left), _join_windows(windows), max(expires_at, windows.get(slave_sae, 0.0)), key_id),
+            )
+            return
+        tx.add(link, "keys", -1)
+        tx.add(link, uncollected_counter(master_sae), -1)
+        last = max(windows.values(), default=0.0)
+        if last > now:  # kept until the last window ends (then erased by expire())
+            tx.cur.execute(
+                "UPDATE keys SET pending = '', collected = ?, expires_at = ? WHERE key_id = ?",
+                (_join_windows(windows), last, key_id),
+            )
+            tx.add(link, "window", 1)
+        else:
+            tx.cur.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+
     # -- housekeeping ---------------------------------------------------------------------------------------
 
-    async def expire(self, now: float, limit: int = 10_000) -> list[tuple[int, str]]:
-        def op(tx: Tx) -> list[tuple[int, str]]:
+    async def expire(self, now: float, limit: int = 1000) -> Swept:
+        def op(tx: Tx) -> Swept:
             tx.cur.execute(
                 "DELETE FROM keys WHERE key_id IN "
                 "(SELECT key_id FROM keys WHERE expires_at < ? ORDER BY expires_at LIMIT ?) "
-                "RETURNING link, key_id",
+                "RETURNING link, key_id, master_sae, pending",
                 (now, limit),
             )
-            gone = [(int(link), str(key_id)) for link, key_id in tx.cur.fetchall()]
-            for link, _ in gone:
-                tx.add(link, "keys", -1)
-                tx.add(link, "expired", 1)
-            return gone
+            swept = Swept([], [])
+            for link, key_id, master_sae, pending in tx.cur.fetchall():
+                link = int(link)
+                if pending:
+                    tx.add(link, "keys", -1)
+                    tx.add(link, uncollected_counter(int(master_sae)), -1)
+                    tx.add(link, "expired", 1)
+                    swept.expired.append((link, str(key_id)))
+                else:
+                    tx.add(link, "window", -1)
+                    swept.erased.append((link, str(key_id)))
+            return swept
+
+        return await self._do(op)
+
+    async def uncollected_by_master(self) -> dict[int, int]:
+        def op(tx: Tx) -> dict[int, int]:
+            tx.cur.execute("SELECT link, name, value FROM counters WHERE name LIKE ?", ("uncollected:%",))
+            out: dict[int, int] = {}
+            for link, name, value in tx.cur.fetchall():
+                master = int(str(name).partition(":")[2])
+                count = tx.counter(int(link), str(name), int(value))
+                out[master] = out.get(master, 0) + count
+            return {master: count for master, count in out.items() if count}
 
         return await self._do(op)
 
@@ -639,7 +753,7 @@ class SqlKeyStore(KeyStore):
         def op(tx: Tx) -> LinkStats:
             tx.cur.execute("SELECT name, value FROM counters WHERE link = ?", (link,))
             counters = {name: int(value) for name, value in tx.cur.fetchall()}
-            for name in ("free0", "free1", "keys", "burnt", "expired"):
+            for name in ("free0", "free1", "keys", "burnt", "expired", "window"):
                 counters[name] = tx.counter(link, name, counters.get(name, 0))
             tx.cur.execute("SELECT imported_bytes, histogram FROM streams WHERE link = ?", (link,))
             row = tx.cur.fetchone()
@@ -652,6 +766,7 @@ class SqlKeyStore(KeyStore):
                 burnt_blocks=counters.get("burnt", 0),
                 expired_keys=counters.get("expired", 0),
                 histogram=tuple(hist),
+                recollectable_keys=counters.get("window", 0),
             )
 
         return await self._do(op)

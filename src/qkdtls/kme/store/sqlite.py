@@ -16,6 +16,7 @@ PostgreSQL store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 from qkdtls.kme.store.base import Block, LinkStats, LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store.holds import VolatileHolds
-from qkdtls.kme.store.sql import SCHEMA_VERSION, SqlKeyStore, Tx, _chunks, _marks
+from qkdtls.kme.store.sql import MIGRATE_1_TO_2, SCHEMA_VERSION, SqlKeyStore, Tx, _chunks, _marks
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ CREATE TABLE blocks (
     held_by TEXT, held_at REAL, PRIMARY KEY (link, seq)) WITHOUT ROWID;
 CREATE TABLE keys (
     key_id TEXT PRIMARY KEY, link INTEGER NOT NULL, master_sae INTEGER NOT NULL, slaves TEXT NOT NULL,
-    pending TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+    pending TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL,
+    collected TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE INDEX keys_expiry ON keys (expires_at);
 CREATE TABLE streams (
     link INTEGER PRIMARY KEY, block_size INTEGER NOT NULL, next_seq INTEGER NOT NULL, carry BLOB NOT NULL,
@@ -102,6 +104,11 @@ class SqliteKeyStore(SqlKeyStore):
                     "INSERT INTO meta(name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
             version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if version is not None and int(version[0]) == 1:
+                for statement in MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+                version = ("2",)
             if version is None or int(version[0]) != SCHEMA_VERSION:
                 raise StoreUnavailable(f"key store schema version {version} is not {SCHEMA_VERSION}")
             # Indexes of earlier releases: holds live in memory here, so free blocks are found by walking
@@ -238,12 +245,4 @@ class SqliteKeyStore(SqlKeyStore):
     async def link_stats(self, link: int) -> LinkStats:
         stats = await super().link_stats(link)
         free = {d: n - self._holds.held_count(link, d) for d, n in stats.free_blocks.items()}
-        return LinkStats(
-            link=stats.link,
-            free_blocks=free,
-            reserved_keys=stats.reserved_keys,
-            imported_bytes=stats.imported_bytes,
-            burnt_blocks=stats.burnt_blocks,
-            expired_keys=stats.expired_keys,
-            histogram=stats.histogram,
-        )
+        return dataclasses.replace(stats, free_blocks=free)
