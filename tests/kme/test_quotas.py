@@ -4,6 +4,7 @@ uncollected keys (local and at the peer KME), refusal counts, and per-SAE settin
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,7 +117,7 @@ async def test_accept_reservation_refuses_with_429_at_the_cap(bed: Bed) -> None:
     assert await two.store.free_blocks(1, 0) == 3  # block 2 still free
 
 
-async def test_recollect_window_per_slave(bed: Bed) -> None:
+async def test_recollect_window_per_slave(bed: Bed, caplog: pytest.LogCaptureFixture) -> None:
     saes = {**SAES, 22: SaeEntry(22, 2, recollect_window=0.0), 23: SaeEntry(23, 2, recollect_window=0.05)}
     one = bed.open(1)
     two = bed.open(2, saes=saes)
@@ -125,7 +126,10 @@ async def test_recollect_window_per_slave(bed: Bed) -> None:
         [key] = (await one.enc_keys(11, str(slave), KeyRequest())).keys
         assert (await two.dec_keys(slave, "11", [key.key_ID])).keys == (key,)
         if slave == 21:  # the service default: 60 s
-            assert (await two.dec_keys(slave, "11", [key.key_ID])).keys == (key,)
+            with caplog.at_level(logging.WARNING, logger="qkdtls.kme.service"):
+                assert (await two.dec_keys(slave, "11", [key.key_ID])).keys == (key,)
+            [record] = [r for r in caplog.records if getattr(r, "event", None) == "key.recollected"]
+            assert record.key_IDs == [key.key_ID] and record.slave_SAE_ID == 21  # type: ignore[attr-defined]
             with pytest.raises(UnauthorizedError):
                 await two.dec_keys(22, "11", [key.key_ID])
             continue

@@ -33,10 +33,11 @@ async def test_the_slave_may_collect_again_within_its_window_then_the_key_is_era
     await feed(store, os.urandom(32 * 4), link=LOCAL)
     kid, data = await _local_key(store, [8])
     got = await store.collect(MASTER, 8, [kid], recollect_window=600)
-    assert got[0].data == data and got[0].slaves == (8,)
+    assert got[0].data == data and got[0].slaves == (8,) and not got[0].again
     stats = await store.link_stats(LOCAL)
     assert (stats.reserved_keys, stats.recollectable_keys) == (0, 1)  # delivered, kept for the window
-    assert (await store.collect(MASTER, 8, [kid], recollect_window=600))[0].data == data  # same bytes
+    again = await store.collect(MASTER, 8, [kid], recollect_window=600)
+    assert again[0].data == data and again[0].again  # same bytes
     with pytest.raises(NotASlave):
         await store.collect(MASTER, 9, [kid])
     with pytest.raises(KeysNotFound):
@@ -149,10 +150,22 @@ def _downgrade_to_schema_1(store_url: str) -> None:
     counters (every stored key was uncollected then)."""
     statements = [
         "ALTER TABLE keys DROP COLUMN collected",
+        "INSERT INTO counters(link, name, value) "
+        "SELECT link, 'keys', COUNT(*) FROM keys WHERE pending != '' GROUP BY link",
         "DELETE FROM counters WHERE name LIKE 'uncollected:%'",
         "UPDATE meta SET value = '1' WHERE name = 'schema_version'",
     ]
-    if store_url.startswith("sqlite"):
+    if store_url.startswith("sqlite"):  # schema 1 kept keys by key ID (WITHOUT ROWID)
+        statements[:1] = [
+            "CREATE TABLE keys_1 (key_id TEXT PRIMARY KEY, link INTEGER NOT NULL, "
+            "master_sae INTEGER NOT NULL, slaves TEXT NOT NULL, pending TEXT NOT NULL, "
+            "size INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID",
+            "INSERT INTO keys_1 SELECT key_id, link, master_sae, slaves, pending, size, data, expires_at "
+            "FROM keys",
+            "DROP TABLE keys",
+            "ALTER TABLE keys_1 RENAME TO keys",
+            "CREATE INDEX keys_expiry ON keys (expires_at)",
+        ]
         import sqlite3
 
         conn = sqlite3.connect(store_url.removeprefix("sqlite://"), isolation_level=None)
@@ -179,6 +192,7 @@ async def test_a_schema_1_store_is_migrated(store_url: str) -> None:
     migrated = open_store(store_url)
     try:
         assert await migrated.uncollected_by_master() == {MASTER: 2}
+        assert (await migrated.link_stats(LOCAL)).reserved_keys == 2
         assert (await migrated.collect(MASTER, 8, [kid], recollect_window=60))[0].data == data
         assert (await migrated.collect(MASTER, 8, [kid], recollect_window=60))[0].data == data
         assert await migrated.uncollected_by_master() == {MASTER: 1}

@@ -458,6 +458,17 @@ class KmeService:
                     "key_IDs": ids,
                 },
             )
+        again = [k.key_id for k in stored if k.again]
+        if again:  # within the window; worth seeing: the slave lost an answer, or its key cache
+            log.warning(
+                "keys collected again by their slave",
+                extra={
+                    "event": "key.recollected",
+                    "master_SAE_ID": master.sae_id,
+                    "slave_SAE_ID": caller_sae,
+                    "key_IDs": again,
+                },
+            )
         return KeyContainer(
             keys=tuple(
                 Key(key_ID=k.key_id, key=k.data, key_extension=key_holders(master.sae_id, k.slaves))

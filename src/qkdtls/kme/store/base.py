@@ -74,6 +74,8 @@ class StoredKey:
     data: bytes
     # The key's slave SAEs in request order (filled by ``collect``; the caller knows them elsewhere).
     slaves: tuple[int, ...] = ()
+    # ``collect``: this slave had collected it before (a re-collection within its window).
+    again: bool = False
 
     def __repr__(self) -> str:
         return f"StoredKey(key_id={self.key_id!r})"

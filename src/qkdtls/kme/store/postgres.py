@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qkdtls.kme.store.base import StoreUnavailable
-from qkdtls.kme.store.sql import MIGRATE_1_TO_2, SCHEMA_VERSION, Op, SqlKeyStore
+from qkdtls.kme.store.sql import MIGRATE_COUNTERS_1_TO_2, SCHEMA_VERSION, Op, SqlKeyStore
 
 try:
     import psycopg
@@ -98,7 +98,8 @@ class PostgresKeyStore(SqlKeyStore):
                 cur.execute("SELECT value FROM meta WHERE name = 'schema_version'")
                 version = cur.fetchone()
                 if version is not None and int(version[0]) == 1:
-                    for statement in MIGRATE_1_TO_2:
+                    cur.execute("ALTER TABLE keys ADD COLUMN collected TEXT NOT NULL DEFAULT ''")
+                    for statement in MIGRATE_COUNTERS_1_TO_2:
                         cur.execute(statement)
                     cur.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
                     version = ("2",)

@@ -69,6 +69,9 @@ class Tx:
     # operation's; ``earlier`` holds those of the batch's operations before it that are not in ``deltas``.
     deltas: Deltas = field(default_factory=dict)
     earlier: Deltas = field(default_factory=lambda: _NONE)
+    # Counter rows read in this batch. Only the batch's end writes counters, so a row read once holds
+    # for the whole batch (and for savepoints rolled back within it).
+    stored: Deltas = field(default_factory=dict)
 
     def add(self, link: int, name: str, delta: int) -> None:
         if delta:
@@ -79,6 +82,16 @@ class Tx:
         """A counter's value as this operation sees it: the stored row plus the batch's changes so far."""
         key = (link, name)
         return stored + self.earlier.get(key, 0) + self.deltas.get(key, 0)
+
+    def read_counter(self, link: int, name: str) -> int:
+        """:meth:`counter`, reading the stored row at most once per batch."""
+        key = (link, name)
+        stored = self.stored.get(key)
+        if stored is None:
+            self.cur.execute("SELECT value FROM counters WHERE link = ? AND name = ?", key)
+            row = self.cur.fetchone()
+            stored = self.stored[key] = int(row[0]) if row else 0
+        return self.counter(link, name, stored)
 
 
 Op = Callable[[Tx], Any]
@@ -115,17 +128,35 @@ def _join_windows(windows: dict[int, float]) -> str:
     return ",".join(f"{sae}@{deadline!r}" for sae, deadline in windows.items())
 
 
+_UNCOLLECTED = "uncollected:"
+
+
 def uncollected_counter(master_sae: int) -> str:
-    """Counter name: keys of a master SAE stored on a link and not yet collected by every slave."""
-    return f"uncollected:{master_sae}"
+    """Counter name: keys of a master SAE stored on a link and not yet collected by every slave. Summed
+    over a link's masters, it is the link's count of reserved keys."""
+    return f"{_UNCOLLECTED}{master_sae}"
 
 
-# Schema 1 → 2: keys collected by every slave stay for their re-collection window (``collected``), and the
-# per-master count of uncollected keys is a counter. In schema 1 every stored key is uncollected.
-MIGRATE_1_TO_2 = (
-    "ALTER TABLE keys ADD COLUMN collected TEXT NOT NULL DEFAULT ''",
+def _uncollected(tx: Tx, rows: Sequence[tuple[Any, Any, Any]], link: int | None = None) -> dict[int, int]:
+    """Per master SAE: the uncollected counters among the stored ``rows`` (link, name, value), plus this
+    batch's changes to uncollected counters (of ``link``, or of every link)."""
+    counts = {(int(k), str(n)): int(v) for k, n, v in rows if str(n).startswith(_UNCOLLECTED)}
+    for key in (*tx.earlier, *tx.deltas):
+        if key[1].startswith(_UNCOLLECTED) and link in (None, key[0]):
+            counts.setdefault(key, 0)
+    out: dict[int, int] = {}
+    for (on_link, name), value in counts.items():
+        master = int(name[len(_UNCOLLECTED) :])
+        out[master] = out.get(master, 0) + tx.counter(on_link, name, value)
+    return out
+
+
+# Schema 1 → 2, after each backend added the ``collected`` column: the count of uncollected keys is kept
+# per master SAE instead of per link. In schema 1 every stored key was uncollected.
+MIGRATE_COUNTERS_1_TO_2 = (
     "INSERT INTO counters(link, name, value) "
     "SELECT link, 'uncollected:' || CAST(master_sae AS TEXT), COUNT(*) FROM keys GROUP BY link, master_sae",
+    "DELETE FROM counters WHERE name = 'keys'",
 )
 
 
@@ -210,9 +241,10 @@ class SqlKeyStore(KeyStore):
     def _run_ops_isolated(self, cur: Any, ops: list[Op]) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         total: Deltas = {}
+        stored: Deltas = {}
         wrapped = _Cur(cur, self._sql)
         for op in ops:
-            tx = Tx(wrapped, self.holder, self.lock_clause, self.skip_locked_clause, {}, total)
+            tx = Tx(wrapped, self.holder, self.lock_clause, self.skip_locked_clause, {}, total, stored)
             cur.execute("SAVEPOINT op")
             try:
                 result = op(tx)
@@ -485,10 +517,7 @@ class SqlKeyStore(KeyStore):
         those batches."""
         if limit <= 0:
             return
-        name = uncollected_counter(master_sae)
-        tx.cur.execute("SELECT value FROM counters WHERE link = ? AND name = ?", (link, name))
-        row = tx.cur.fetchone()
-        current = tx.counter(link, name, int(row[0]) if row else 0)
+        current = tx.read_counter(link, uncollected_counter(master_sae))
         if current + count > limit:
             raise UncollectedQuota(current, limit)
 
@@ -521,7 +550,6 @@ class SqlKeyStore(KeyStore):
                 tx.cur.executemany(insert, rows)
         except self.integrity_errors:
             raise BlocksTaken("a key ID is already in use") from None
-        tx.add(link, "keys", len(keys))
         tx.add(link, uncollected_counter(master_sae), len(keys))
 
     async def take_reserved(
@@ -633,7 +661,8 @@ class SqlKeyStore(KeyStore):
                     multicast += 1
                     continue
                 left = _ids(pending)
-                if slave_sae in left:
+                again = slave_sae not in left
+                if not again:
                     self._first_collection(
                         tx, key_id, link, master_sae, slave_sae, left, collected, expires_at, now,
                         recollect_window,
@@ -641,7 +670,7 @@ class SqlKeyStore(KeyStore):
                 elif _windows(collected).get(slave_sae, 0.0) <= now:
                     missing += 1  # collected before, and its re-collection window is over
                     continue
-                found[key_id] = StoredKey(key_id, bytes(data), tuple(holders))
+                found[key_id] = StoredKey(key_id, bytes(data), tuple(holders), again)
             if not_slave:
                 raise NotASlave(f"{not_slave} keys are not addressed to SAE {slave_sae}")
             if multicast:
@@ -675,7 +704,6 @@ class SqlKeyStore(KeyStore):
                 (_join(left), _join_windows(windows), max(expires_at, windows.get(slave_sae, 0.0)), key_id),
             )
             return
-        tx.add(link, "keys", -1)
         tx.add(link, uncollected_counter(master_sae), -1)
         last = max(windows.values(), default=0.0)
         if last > now:  # kept until the last window ends (then erased by expire())
@@ -701,7 +729,6 @@ class SqlKeyStore(KeyStore):
             for link, key_id, master_sae, pending in tx.cur.fetchall():
                 link = int(link)
                 if pending:
-                    tx.add(link, "keys", -1)
                     tx.add(link, uncollected_counter(int(master_sae)), -1)
                     tx.add(link, "expired", 1)
                     swept.expired.append((link, str(key_id)))
@@ -715,12 +742,7 @@ class SqlKeyStore(KeyStore):
     async def uncollected_by_master(self) -> dict[int, int]:
         def op(tx: Tx) -> dict[int, int]:
             tx.cur.execute("SELECT link, name, value FROM counters WHERE name LIKE ?", ("uncollected:%",))
-            out: dict[int, int] = {}
-            for link, name, value in tx.cur.fetchall():
-                master = int(str(name).partition(":")[2])
-                count = tx.counter(int(link), str(name), int(value))
-                out[master] = out.get(master, 0) + count
-            return {master: count for master, count in out.items() if count}
+            return {m: n for m, n in _uncollected(tx, tx.cur.fetchall()).items() if n}
 
         return await self._do(op)
 
@@ -753,15 +775,16 @@ class SqlKeyStore(KeyStore):
         def op(tx: Tx) -> LinkStats:
             tx.cur.execute("SELECT name, value FROM counters WHERE link = ?", (link,))
             counters = {name: int(value) for name, value in tx.cur.fetchall()}
-            for name in ("free0", "free1", "keys", "burnt", "expired", "window"):
+            for name in ("free0", "free1", "burnt", "expired", "window"):
                 counters[name] = tx.counter(link, name, counters.get(name, 0))
+            reserved = sum(_uncollected(tx, [(link, n, v) for n, v in counters.items()], link).values())
             tx.cur.execute("SELECT imported_bytes, histogram FROM streams WHERE link = ?", (link,))
             row = tx.cur.fetchone()
             imported, hist = (int(row[0]), _HIST.unpack(bytes(row[1]))) if row else (0, (0,) * 256)
             return LinkStats(
                 link=link,
                 free_blocks={0: counters.get("free0", 0), 1: counters.get("free1", 0)},
-                reserved_keys=counters.get("keys", 0),
+                reserved_keys=reserved,
                 imported_bytes=imported,
                 burnt_blocks=counters.get("burnt", 0),
                 expired_keys=counters.get("expired", 0),
