@@ -9,7 +9,11 @@ held block (one process owns the file); PostgreSQL frees holds older than ``stal
 safe because blocks the peer had already taken are refused by the peer the next time they are offered
 (``PeerRejected``) and this service then burns them: a block reaches at most one SAE pair. A key is answered
 to the master only after its blocks are deleted here and recorded at the peer, so a crash never delivers a
-key twice nor forgets a reservation.
+key twice nor forgets a reservation. A slave's collection commits before its answer, and that slave may
+collect the key again within its re-collection window, in case the answer never arrived.
+
+Quotas (``quotas.py``): rate limits per master SAE and SAE pair here, and a cap on keys not yet collected per
+master SAE wherever the keys wait (local keys here, cross-KME keys at the peer, which answers 429).
 """
 
 from __future__ import annotations
