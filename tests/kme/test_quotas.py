@@ -147,3 +147,18 @@ def test_recollect_window_is_bounded() -> None:
         with pytest.raises(ValueError, match="recollect_window"):
             ServiceSettings(kme_id=1, recollect_window=bad)
     assert ServiceSettings(kme_id=1).recollect_window == 60.0
+
+
+async def test_one_sweep_erases_every_due_key_in_chunks(bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkdtls.kme import service as service_module
+
+    monkeypatch.setattr(service_module, "SWEEP_CHUNK", 4)
+    one = bed.open(1, recollect_window=0.05, reservation_ttl=0.05)
+    await bed.feed(1, 1, 32 * 32)
+    collected = (await one.enc_keys(11, "12", KeyRequest(number=10))).keys
+    await one.dec_keys(12, "11", [k.key_ID for k in collected])
+    await one.enc_keys(11, "12", KeyRequest(number=9))  # never collected
+    await asyncio.sleep(0.1)
+    assert await one.expire_reservations() == 9  # 19 keys in chunks of 4, one call
+    [report] = [r for r in await one.link_reports() if r.peer_kme_id == 1]
+    assert (report.reserved_keys, report.recollectable_keys) == (0, 0)

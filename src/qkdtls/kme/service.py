@@ -72,8 +72,9 @@ log = logging.getLogger(__name__)
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 MAX_RECOLLECT_WINDOW = 3600.0
-# Erasing keys whose window ended: rows per transaction (a short pause of the event loop on SQLite).
-SWEEP_CHUNK = 1000
+# Keys erased per transaction by the sweeper. On SQLite a transaction runs on the event loop: about 15 µs
+# per erased key (secure_delete), so a chunk pauses requests for a few milliseconds at most.
+SWEEP_CHUNK = 256
 # Test-only fault injection (docs/design.md, crash safety): "kill-after-collect" makes the process SIGKILL
 # itself after a dec_keys commit and before its answer leaves. Read once, at service construction.
 FAULT_ENV = "QKDTLS_KME_FAULT"
