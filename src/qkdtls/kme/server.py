@@ -70,7 +70,7 @@ class KmeServer:
             folders.append(LinkFolder(cfg.kme_id, cfg.local_link.folder, cfg.local_link.delete_after_import))
         ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size)
         # Import what is already there before answering SAEs, so a fresh KME does not report an empty stock.
-        imported = await ingestor.scan()
+        imported = await ingestor.scan(startup=True)
         log.info("key folders imported", extra={"event": "ingest.startup", "bytes": imported})
 
         saes = IdentityMap([(s.identity, s.sae_id) for s in cfg.saes if s.identity is not None])
