@@ -231,7 +231,7 @@ async def test_large_file_is_read_in_a_thread_and_appended_in_bounded_parts(
     try:
         stream = os.urandom(1_000_003)
         write_key_file(folder, "0001.key", stream)
-        ing = Ingestor(store, 1, [LinkFolder(PEER, folder)], 32, part_bytes=65536, part_pause=0.0)
+        ing = Ingestor(store, 1, [LinkFolder(PEER, folder)], 32, part_bytes=65536, rate=None)
         assert await ing.scan() == len(stream)
         assert readers and threading.main_thread().name not in readers
         assert len(parts) == 16 and max(parts) == 65536 and sum(parts) == len(stream)

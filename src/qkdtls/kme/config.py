@@ -114,6 +114,8 @@ class KmeConfig:
     metrics: bool = True
     sweep_interval: float = 5.0
     ingest_interval: float = 0.5
+    # Bytes per second a key file is appended at while the KME serves (see kme/ingest.py).
+    ingest_rate: float = 1024 * 1024
 
     def sae_entries(self) -> dict[int, SaeEntry]:
         return {s.sae_id: s.entry() for s in self.saes}
@@ -460,8 +462,10 @@ def parse_config(
 
     ingest_r = root.table("ingest")
     ingest_interval = 0.5
+    ingest_rate = 1024.0 * 1024
     if ingest_r is not None:
         ingest_interval = ingest_r.number("interval", 0.5, hi=3600.0)
+        ingest_rate = ingest_r.number("rate", ingest_rate, lo=1023.0, hi=1e12)
         ingest_r.finish()
     root.finish()
 
@@ -481,6 +485,7 @@ def parse_config(
         metrics=metrics,
         sweep_interval=sweep_interval,
         ingest_interval=ingest_interval,
+        ingest_rate=ingest_rate,
     )
 
 

@@ -9,8 +9,9 @@ is refused: importing it would shift every later block and desynchronise the two
 Importing never stalls the KME's requests. A worker thread opens, reads and hashes the file (``open`` with
 ``O_NOFOLLOW | O_NONBLOCK`` and an ``fstat`` of what was opened, so a symlink or FIFO swapped in after the
 listing is refused rather than followed or waited on). The event loop then appends the file in parts of
-``PART_BYTES``, one store transaction each, pausing ``PART_PAUSE`` between parts: one part costs the loop
-about a millisecond, and the pause leaves the store's group commit to the requests most of the time. The
+``PART_BYTES``, one store transaction each, at most ``rate`` bytes per second (``[ingest] rate``) and with a
+pause after every part: one part costs the loop about a millisecond, and the pauses leave the loop and the
+store's group commit to the requests most of the time. The
 ledger row of a file counts the bytes committed so far, so a restart (or a kill -9) resumes after the last
 committed part: no byte is imported twice and none is lost. Before the KME listens, folders are imported
 in large parts without pauses (nobody is waiting yet).
@@ -28,6 +29,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,14 @@ log = logging.getLogger(__name__)
 # A single file larger than this is refused: it is read into memory whole (and hashed) before its parts
 # are appended.
 MAX_FILE_BYTES = 256 * 1024 * 1024
-# While serving: bytes appended per store transaction, and the pause between two of them. A part costs the
-# event loop about 75 µs per KiB (rows, histogram, inserts), so 16 KiB is about 1.2 ms; with the pause the
-# import runs at a few MiB/s, far above what a QKD link produces.
-PART_BYTES = 16 * 1024
-PART_PAUSE = 0.004
+# While serving: bytes appended per store transaction. A part costs the event loop about 0.4 ms plus 75 µs
+# per KiB (rows, histogram, inserts, the commit), so 8 KiB parts stall requests for about a millisecond.
+PART_BYTES = 8 * 1024
+# While serving, a file is appended at most this fast (bytes per second, ``[ingest] rate``): 1 MiB/s is
+# 8 Mbit/s of key, above the secret key rate of QKD links, and leaves the loop to requests most of the time.
+DEFAULT_RATE = 1024 * 1024
+# At least this pause between two parts, whatever the rate: the store's group commit is never monopolised.
+MIN_PART_PAUSE = 0.001
 # Before the KME listens: nobody waits, so large parts and no pause.
 STARTUP_PART_BYTES = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
@@ -123,18 +128,19 @@ class Ingestor:
         block_size: int,
         *,
         part_bytes: int = PART_BYTES,
-        part_pause: float = PART_PAUSE,
+        rate: float | None = DEFAULT_RATE,
     ) -> None:
+        """``rate``: bytes per second a file is appended at while serving (None: no limit, no pause)."""
         if block_size <= 0:
             raise ValueError("block_size must be positive")
-        if part_bytes <= 0 or part_pause < 0:
-            raise ValueError("part_bytes must be positive and part_pause not negative")
+        if part_bytes <= 0 or (rate is not None and rate <= 0):
+            raise ValueError("part_bytes and rate must be positive")
         self.store = store
         self.kme_id = kme_id
         self.folders = list(folders)
         self.block_size = block_size
         self.part_bytes = part_bytes
-        self.part_pause = part_pause
+        self.rate = rate
         # (link, name) already imported or refused in this process: skipped without reading.
         self._done: set[tuple[int, str]] = set()
 
@@ -144,15 +150,15 @@ class Ingestor:
         ``startup``: nothing is served yet, so parts are large and there is no pause between them.
         """
         if startup:
-            part, pause = max(self.part_bytes, STARTUP_PART_BYTES), 0.0
+            part, rate = max(self.part_bytes, STARTUP_PART_BYTES), None
         else:
-            part, pause = self.part_bytes, self.part_pause
+            part, rate = self.part_bytes, self.rate
         total = 0
         for folder in self.folders:
-            total += await self._scan_folder(folder, part, pause)
+            total += await self._scan_folder(folder, part, rate)
         return total
 
-    async def _scan_folder(self, folder: LinkFolder, part: int, pause: float) -> int:
+    async def _scan_folder(self, folder: LinkFolder, part: int, rate: float | None) -> int:
         link = folder.peer_kme_id
         try:
             with os.scandir(folder.path) as it:
@@ -178,7 +184,7 @@ class Ingestor:
                 self._done.add((link, name))
                 continue
             try:
-                count = await self._import(link, name, key_file, part, pause)
+                count = await self._import(link, name, key_file, part, rate)
             except ImportRejected as exc:
                 log.error(
                     "key file refused",
@@ -214,7 +220,9 @@ class Ingestor:
                 self._delete(path, link, name)
         return imported
 
-    async def _import(self, link: int, name: str, key_file: KeyFile, part: int, pause: float) -> int | None:
+    async def _import(
+        self, link: int, name: str, key_file: KeyFile, part: int, rate: float | None
+    ) -> int | None:
         """Append what the ledger does not have yet, part by part; bytes appended, None if it had it all."""
         data, total = key_file.data, len(key_file.data)
         progress = await self.store.import_progress(link, name)
@@ -232,6 +240,7 @@ class Ingestor:
             )
         appended = 0
         local = link == self.kme_id
+        started = time.monotonic()
         while True:
             end = min(offset + part, total)
             count = await self.store.import_file(
@@ -248,8 +257,10 @@ class Ingestor:
             offset = end
             if offset >= total:
                 return appended
-            if pause:
-                await asyncio.sleep(pause)
+            if rate is not None:
+                # Paced from the file's start: a part that waited long for the store needs no pause after.
+                ahead = started + appended / rate - time.monotonic()
+                await asyncio.sleep(max(ahead, MIN_PART_PAUSE))
 
     def _delete(self, path: Path, link: int, name: str) -> None:
         try:

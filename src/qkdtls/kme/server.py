@@ -68,7 +68,7 @@ class KmeServer:
         folders = [LinkFolder(p.kme_id, p.folder, p.delete_after_import) for p in cfg.peers]
         if cfg.local_link is not None:
             folders.append(LinkFolder(cfg.kme_id, cfg.local_link.folder, cfg.local_link.delete_after_import))
-        ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size)
+        ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size, rate=cfg.ingest_rate)
         # Import what is already there before answering SAEs, so a fresh KME does not report an empty stock.
         imported = await ingestor.scan(startup=True)
         log.info("key folders imported", extra={"event": "ingest.startup", "bytes": imported})
