@@ -154,7 +154,10 @@ class PkiLayout:
 
     @classmethod
     def load(cls, root: Path) -> PkiLayout:
+        """The layout in ``root``, or in ``root/pki`` (where ``qkdtls pki init`` puts it next to configs)."""
         root = Path(root).resolve()
+        if not (root / LAYOUT_FILE).exists() and (root / "pki" / LAYOUT_FILE).exists():
+            root = root / "pki"
         path = root / LAYOUT_FILE
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
