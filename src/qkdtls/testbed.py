@@ -31,7 +31,8 @@ from qkdtls.pki import PkiLayout
 from qkdtls.provision import KmeSettings, Network, Site, provision
 
 DEFAULT_SAES: Mapping[int, Sequence[int]] = {1: (1001, 1002), 2: (2001,)}
-START_TIMEOUT = 30.0
+# Bounds that hold on a loaded 2-core machine: a KME imports its folders before it reports ready.
+START_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 LOOPBACK = "127.0.0.1"
 
@@ -40,6 +41,14 @@ class TestbedError(RuntimeError):
     """The testbed could not be built or a KME did not start; the message includes the KME's log tail."""
 
     __test__ = False  # not a pytest test class
+
+
+class _PortTaken(TestbedError):
+    """A KME exited because one of its ports was taken after it was drawn."""
+
+
+# Fresh port draws when a KME finds its port taken at the first start (see ``Testbed.start``).
+PORT_ATTEMPTS = 4
 
 
 # KME ports are written into the configurations before the KMEs start, so they are chosen ahead of binding.
@@ -234,17 +243,36 @@ class Testbed:
         ]  # fmt: skip
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start every KME that is not running and wait until all listen; on failure stop them all."""
-        try:
-            for kme_id in self.kmes:
-                if not self.kmes[kme_id].running:
-                    self._spawn(kme_id)
-            deadline = time.monotonic() + timeout
-            for kme_id in self.kmes:
-                self._wait_ready(kme_id, deadline)
-        except BaseException:
-            self.stop()
-            raise
+        """Start every KME that is not running and wait until all listen; on failure stop them all.
+
+        Ports are chosen before the KMEs bind them, so another process may take one in between: when a KME
+        exits because its port is in use and nothing ran yet, every port is drawn again, the configurations
+        are rewritten and the KMEs started again (a few times)."""
+        fresh = not any(kme.running for kme in self.kmes.values())
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                for kme_id in self.kmes:
+                    if not self.kmes[kme_id].running:
+                        self._spawn(kme_id)
+                deadline = time.monotonic() + timeout
+                for kme_id in self.kmes:
+                    self._wait_ready(kme_id, deadline)
+                return
+            except _PortTaken:
+                self.stop()
+                if not fresh or attempt == PORT_ATTEMPTS - 1 or self.network is None:
+                    raise
+                self._new_ports()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _new_ports(self) -> None:
+        assert self.network is not None
+        ports = {kme_id: (free_port(), free_port()) for kme_id in self.kmes}
+        self.network.set_ports(ports)
+        for kme_id, (sae_port, inter_port) in ports.items():
+            self.kmes[kme_id].sae_port, self.kmes[kme_id].inter_kme_port = sae_port, inter_port
 
     def start_kme(self, kme_id: int, timeout: float = START_TIMEOUT) -> None:
         if not self.kmes[kme_id].running:
@@ -275,10 +303,15 @@ class Testbed:
     def _wait_ready(self, kme_id: int, deadline: float) -> None:
         kme = self.kmes[kme_id]
         assert kme.proc is not None
+        started = time.monotonic()
         while True:
             if kme.proc.poll() is not None:
-                raise TestbedError(
-                    f"KME {kme_id} exited with {kme.proc.returncode}:\n{self.log_tail(kme_id)}"
+                tail = self.log_tail(kme_id)
+                error = _PortTaken if "address already in use" in tail.lower() else TestbedError
+                raise error(
+                    f"KME {kme_id} exited with {kme.proc.returncode} (exit code of "
+                    f"{' '.join(self.command(kme_id)[1:])}) after {time.monotonic() - started:.1f} s; "
+                    f"log {kme.log}:\n{tail}"
                 )
             try:
                 doc = json.loads(kme.ready_file.read_text())
@@ -287,7 +320,11 @@ class Testbed:
             except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TestbedError(f"KME {kme_id} did not start in time:\n{self.log_tail(kme_id)}")
+                raise TestbedError(
+                    f"KME {kme_id} (pid {kme.proc.pid}, still running) wrote no ready file "
+                    f"{kme.ready_file} within {time.monotonic() - started:.1f} s; log {kme.log}:\n"
+                    f"{self.log_tail(kme_id)}"
+                )
             time.sleep(0.02)
 
     def log_tail(self, kme_id: int, lines: int = 40) -> str:
