@@ -270,6 +270,10 @@ def test_cli_init_writes_layout_and_prints_serials(
     assert layout.zones[8].saes[80].serial == 12
     assert 'serial = "80ff"' in out and layout.zones[7].saes[70].fingerprint_sha256 in out
     assert "kme-7-to-kme-8.crt" in out
+    # A configuration per zone and the key folders of the link 7-8 and of the local links.
+    assert (root / "kme7.toml").is_file() and (root / "kme8.toml").is_file()
+    for folder in ("kme7/link-8", "kme8/link-7", "kme7/local", "kme8/local"):
+        assert (root / "keys" / folder).is_dir()
 
     from qkdtls.cli.main import UserError
 

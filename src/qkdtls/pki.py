@@ -154,7 +154,10 @@ class PkiLayout:
 
     @classmethod
     def load(cls, root: Path) -> PkiLayout:
+        """The layout in ``root``, or in ``root/pki`` (where ``qkdtls pki init`` puts it next to configs)."""
         root = Path(root).resolve()
+        if not (root / LAYOUT_FILE).exists() and (root / "pki" / LAYOUT_FILE).exists():
+            root = root / "pki"
         path = root / LAYOUT_FILE
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -327,8 +330,12 @@ def build_testbed_pki(
     *,
     key_type: str = "ec-p256",
     days: int = 365,
+    peers: Mapping[int, Sequence[int]] | None = None,
 ) -> PkiLayout:
-    """Issue every certificate of a testbed whose KMEs are ``zones``; writes ``layout.json``, returns it."""
+    """Issue every certificate of a testbed whose KMEs are ``zones``; writes ``layout.json``, returns it.
+
+    ``peers``: KME ID -> the KMEs it has QKD links to (inter-KME client certificates are issued for those
+    only); default: every other zone."""
     root = Path(root).resolve()
     ids = [spec.kme_id for spec in zones]
     if not ids:
@@ -347,7 +354,8 @@ def build_testbed_pki(
 
     built: dict[int, Zone] = {}
     for spec in zones:
-        built[spec.kme_id] = _build_zone(root, spec, [i for i in ids if i != spec.kme_id], key_type, days)
+        linked = [i for i in ids if i != spec.kme_id] if peers is None else list(peers.get(spec.kme_id, ()))
+        built[spec.kme_id] = _build_zone(root, spec, linked, key_type, days)
     bundle = root / TRUST_BUNDLE
     bundle.write_bytes(b"".join(zone.ca.read_bytes() for zone in built.values()))
     layout = PkiLayout(root=root, zones=built, trust_bundle=bundle)

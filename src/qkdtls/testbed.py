@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkdtls.pki import PkiLayout, ZoneSpec, build_testbed_pki
+from qkdtls.pki import PkiLayout
+from qkdtls.provision import KmeSettings, Network, Site, provision
 
 DEFAULT_SAES: Mapping[int, Sequence[int]] = {1: (1001, 1002), 2: (2001,)}
-START_TIMEOUT = 30.0
+# Bounds that hold on a loaded 2-core machine: a KME imports its folders before it reports ready.
+START_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 LOOPBACK = "127.0.0.1"
 
@@ -39,6 +41,14 @@ class TestbedError(RuntimeError):
     """The testbed could not be built or a KME did not start; the message includes the KME's log tail."""
 
     __test__ = False  # not a pytest test class
+
+
+class _PortTaken(TestbedError):
+    """A KME exited because one of its ports was taken after it was drawn."""
+
+
+# Fresh port draws when a KME finds its port taken at the first start (see ``Testbed.start``).
+PORT_ATTEMPTS = 4
 
 
 # KME ports are written into the configurations before the KMEs start, so they are chosen ahead of binding.
@@ -67,19 +77,6 @@ def free_port() -> int:
         _HANDED_OUT.add(port)
         return port
     raise TestbedError(f"no free TCP port on {LOOPBACK} in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
-
-
-def _toml_str(value: str | Path) -> str:
-    # A JSON string is a valid TOML basic string for the characters paths and URLs contain.
-    return json.dumps(str(value))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return _toml_str(value)
 
 
 @dataclass
@@ -115,6 +112,7 @@ class Testbed:
     pki: PkiLayout
     kmes: dict[int, KmeProcess]
     sae_kme: dict[int, int]  # SAE ID -> KME ID
+    network: Network | None = None
     links: dict[tuple[int, int], _LinkFolders] = field(default_factory=dict)
     verbosity: int = 0
     event_loop: str = "auto"  # KME processes: "auto" (uvloop when installed), "uvloop" or "asyncio"
@@ -132,6 +130,7 @@ class Testbed:
         local_key_bytes: int | None = None,
         block_size: int = 32,
         service: Mapping[str, Any] | None = None,
+        sae_interface: Mapping[str, Any] | None = None,
         delete_after_import: bool = False,
         peer_timeout: float = 3.0,
         sweep_interval: float = 1.0,
@@ -144,64 +143,59 @@ class Testbed:
 
         ``store``: "sqlite" (a file per KME), "memory" (in-memory SQLite: lost on restart) or a mapping
         KME ID -> store URL (e.g. two PostgreSQL databases). ``service``: extra ``[service]`` settings such
-        as ``max_key_per_request`` or ``reservation_ttl``. ``local_key_bytes`` defaults to
-        ``initial_key_bytes``.
+        as ``max_key_per_request`` or ``reservation_ttl``; ``sae_interface``: extra ``[sae_interface]``
+        settings (connection caps). ``local_key_bytes`` defaults to ``initial_key_bytes``. The files are
+        written by :func:`qkdtls.provision.provision`.
         """
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         if sorted(saes) != [1, 2]:
             raise TestbedError("the testbed has exactly two KMEs, IDs 1 and 2")
-        specs = [ZoneSpec(kme_id=k, saes={s: 0x5AE0_0000_0000 + s for s in ids}) for k, ids in saes.items()]
-        pki = build_testbed_pki(root / "pki", specs, key_type=key_type)
-
-        kmes: dict[int, KmeProcess] = {}
-        for kme_id in saes:
-            kmes[kme_id] = KmeProcess(
-                kme_id=kme_id,
-                config=root / f"kme{kme_id}.toml",
-                ready_file=root / f"kme{kme_id}.ready.json",
-                log=root / f"kme{kme_id}.log",
+        sites = [
+            Site(
+                kme_id=k,
+                saes={s: 0x5AE0_0000_0000 + s for s in ids},
+                nickname="site " + ("A" if k == 1 else "B"),
                 sae_port=free_port(),
                 inter_kme_port=free_port(),
             )
+            for k, ids in saes.items()
+        ]
+        settings = KmeSettings(
+            store=store,
+            block_size=block_size,
+            service=dict(service or {}),
+            sae_interface=dict(sae_interface or {}),
+            delete_after_import=delete_after_import,
+            peer_timeout=peer_timeout,
+            sweep_interval=sweep_interval,
+            ingest_interval=ingest_interval,
+        )
+        try:
+            network = provision(root, sites, [(1, 2)], settings, key_type=key_type)
+        except ValueError as exc:
+            raise TestbedError(str(exc)) from None
+        kmes = {
+            site.kme_id: KmeProcess(
+                kme_id=site.kme_id,
+                config=network.configs[site.kme_id],
+                ready_file=root / f"kme{site.kme_id}.ready.json",
+                log=root / f"kme{site.kme_id}.log",
+                sae_port=site.sae_port,
+                inter_kme_port=site.inter_kme_port,
+            )
+            for site in sites
+        }
         bed = cls(
             root=root,
-            pki=pki,
+            pki=network.pki,
             kmes=kmes,
             sae_kme={s: k for k, ids in saes.items() for s in ids},
+            network=network,
             verbosity=verbosity,
             event_loop=event_loop,
         )
-
-        keys = root / "keys"
-        bed.links[(1, 2)] = _LinkFolders((keys / "kme1" / "link-2", keys / "kme2" / "link-1"))
-        bed.links[(1, 1)] = _LinkFolders((keys / "kme1" / "local",))
-        bed.links[(2, 2)] = _LinkFolders((keys / "kme2" / "local",))
-        for link in bed.links.values():
-            for folder in link.folders:
-                folder.mkdir(parents=True, exist_ok=True)
-
-        for kme_id, proc in kmes.items():
-            if isinstance(store, Mapping):
-                url = store[kme_id]
-            elif store == "memory":
-                url = "sqlite://:memory:"
-            elif store == "sqlite":
-                url = f"sqlite:///{root / f'kme{kme_id}.sqlite3'}"
-            else:
-                raise TestbedError(f"unknown store {store!r}: use 'sqlite', 'memory' or a mapping of URLs")
-            proc.config.write_text(
-                bed._config_text(
-                    kme_id,
-                    url,
-                    block_size,
-                    service or {},
-                    delete_after_import,
-                    peer_timeout,
-                    sweep_interval,
-                    ingest_interval,
-                )
-            )
+        bed.links = {link: _LinkFolders(folders) for link, folders in network.folders.items()}
 
         if initial_key_bytes:
             bed.add_key_material(initial_key_bytes)
@@ -210,86 +204,6 @@ class Testbed:
             bed.add_key_material(local, link=(1, 1))
             bed.add_key_material(local, link=(2, 2))
         return bed
-
-    def _config_text(
-        self,
-        kme_id: int,
-        store_url: str,
-        block_size: int,
-        service: Mapping[str, Any],
-        delete_after_import: bool,
-        peer_timeout: float,
-        sweep_interval: float,
-        ingest_interval: float,
-    ) -> str:
-        zone = self.pki.zones[kme_id]
-        me = self.kmes[kme_id]
-        other = 2 if kme_id == 1 else 1
-        peer_zone = self.pki.zones[other]
-        link = self.links[(1, 2)].folders[0 if kme_id == 1 else 1]
-        local = self.links[(kme_id, kme_id)].folders[0]
-        lines = [
-            "# Generated by qkdtls.testbed",
-            "[kme]",
-            f"id = {kme_id}",
-            f"nickname = {_toml_str('site ' + ('A' if kme_id == 1 else 'B'))}",
-            "",
-            "[sae_interface]",
-            f"listen = {_toml_str(f'{LOOPBACK}:{me.sae_port}')}",
-            f"cert = {_toml_str(zone.kme_server.cert)}",
-            f"key = {_toml_str(zone.kme_server.key)}",
-            f"client_ca = {_toml_str(zone.ca)}",
-            "",
-            "[inter_kme]",
-            f"listen = {_toml_str(f'{LOOPBACK}:{me.inter_kme_port}')}",
-            f"cert = {_toml_str(zone.inter_kme_server.cert)}",
-            f"key = {_toml_str(zone.inter_kme_server.key)}",
-            f"client_ca = {_toml_str(peer_zone.ca)}",
-            "",
-            "[store]",
-            f"url = {_toml_str(store_url)}",
-            "",
-            "[service]",
-            f"block_size = {block_size}",
-            *(f"{name} = {_toml_value(value)}" for name, value in service.items()),
-            "",
-            "[local_link]",
-            f"folder = {_toml_str(local)}",
-            f"delete_after_import = {_toml_value(delete_after_import)}",
-            "",
-            "[[peers]]",
-            f"kme_id = {other}",
-            f"url = {_toml_str(f'https://{LOOPBACK}:{self.kmes[other].inter_kme_port}')}",
-            f"client_cert = {_toml_str(zone.inter_kme_clients[other].cert)}",
-            f"client_key = {_toml_str(zone.inter_kme_clients[other].key)}",
-            f"ca = {_toml_str(peer_zone.ca)}",
-            f"fingerprint = {_toml_str(peer_zone.inter_kme_clients[kme_id].fingerprint_sha256)}",
-            f"folder = {_toml_str(link)}",
-            f"delete_after_import = {_toml_value(delete_after_import)}",
-            f"timeout = {peer_timeout!r}",
-            "",
-        ]
-        for sae_id, owner in sorted(self.sae_kme.items()):
-            lines += ["[[saes]]", f"id = {sae_id}", f"kme_id = {owner}"]
-            if owner == kme_id:
-                lines.append(f"serial = {_toml_str(zone.saes[sae_id].serial_hex)}")
-            lines.append("")
-        lines += [
-            "[[admins]]",
-            'name = "admin"',
-            f"fingerprint = {_toml_str(zone.admin.fingerprint_sha256)}",
-            "",
-            "[metrics]",
-            "enabled = true",
-            "",
-            "[sweeper]",
-            f"interval = {sweep_interval!r}",
-            "",
-            "[ingest]",
-            f"interval = {ingest_interval!r}",
-            "",
-        ]
-        return "\n".join(lines)
 
     # --- key material --------------------------------------------------------------------------------------
 
@@ -329,17 +243,36 @@ class Testbed:
         ]  # fmt: skip
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start every KME that is not running and wait until all listen; on failure stop them all."""
-        try:
-            for kme_id in self.kmes:
-                if not self.kmes[kme_id].running:
-                    self._spawn(kme_id)
-            deadline = time.monotonic() + timeout
-            for kme_id in self.kmes:
-                self._wait_ready(kme_id, deadline)
-        except BaseException:
-            self.stop()
-            raise
+        """Start every KME that is not running and wait until all listen; on failure stop them all.
+
+        Ports are chosen before the KMEs bind them, so another process may take one in between: when a KME
+        exits because its port is in use and nothing ran yet, every port is drawn again, the configurations
+        are rewritten and the KMEs started again (a few times)."""
+        fresh = not any(kme.running for kme in self.kmes.values())
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                for kme_id in self.kmes:
+                    if not self.kmes[kme_id].running:
+                        self._spawn(kme_id)
+                deadline = time.monotonic() + timeout
+                for kme_id in self.kmes:
+                    self._wait_ready(kme_id, deadline)
+                return
+            except _PortTaken:
+                self.stop()
+                if not fresh or attempt == PORT_ATTEMPTS - 1 or self.network is None:
+                    raise
+                self._new_ports()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _new_ports(self) -> None:
+        assert self.network is not None
+        ports = {kme_id: (free_port(), free_port()) for kme_id in self.kmes}
+        self.network.set_ports(ports)
+        for kme_id, (sae_port, inter_port) in ports.items():
+            self.kmes[kme_id].sae_port, self.kmes[kme_id].inter_kme_port = sae_port, inter_port
 
     def start_kme(self, kme_id: int, timeout: float = START_TIMEOUT) -> None:
         if not self.kmes[kme_id].running:
@@ -370,10 +303,15 @@ class Testbed:
     def _wait_ready(self, kme_id: int, deadline: float) -> None:
         kme = self.kmes[kme_id]
         assert kme.proc is not None
+        started = time.monotonic()
         while True:
             if kme.proc.poll() is not None:
-                raise TestbedError(
-                    f"KME {kme_id} exited with {kme.proc.returncode}:\n{self.log_tail(kme_id)}"
+                tail = self.log_tail(kme_id)
+                error = _PortTaken if "address already in use" in tail.lower() else TestbedError
+                raise error(
+                    f"KME {kme_id} exited with {kme.proc.returncode} (exit code of "
+                    f"{' '.join(self.command(kme_id)[1:])}) after {time.monotonic() - started:.1f} s; "
+                    f"log {kme.log}:\n{tail}"
                 )
             try:
                 doc = json.loads(kme.ready_file.read_text())
@@ -382,7 +320,11 @@ class Testbed:
             except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise TestbedError(f"KME {kme_id} did not start in time:\n{self.log_tail(kme_id)}")
+                raise TestbedError(
+                    f"KME {kme_id} (pid {kme.proc.pid}, still running) wrote no ready file "
+                    f"{kme.ready_file} within {time.monotonic() - started:.1f} s; log {kme.log}:\n"
+                    f"{self.log_tail(kme_id)}"
+                )
             time.sleep(0.02)
 
     def log_tail(self, kme_id: int, lines: int = 40) -> str:

@@ -37,8 +37,13 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
     )
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("--config", required=True, type=Path)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and exit",
+        description="Validate a KME configuration; errors name the file and the bad field.",
+    )
+    check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="configuration file")
+    check.add_argument("--config", type=Path, help="configuration file (same as FILE)")
     check.set_defaults(func=_check_config)
 
     status = sub.add_parser("status", help="ETSI 'Get status' for a slave SAE")
@@ -107,9 +112,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    if args.file is not None and args.config is not None and args.file != args.config:
+        raise UserError("check-config: give the file once (FILE or --config FILE)")
+    path = args.file if args.file is not None else args.config
+    if path is None:
+        raise UserError("check-config: which file? qkdtls kme check-config FILE")
+    config = _load(path)
     print(
-        f"{args.config}: KME {config.kme_id} ({config.nickname}), {len(config.peers)} peer(s), "
+        f"{path}: KME {config.kme_id} ({config.nickname}), {len(config.peers)} peer(s), "
         f"{len(config.saes)} SAE(s): OK"
     )
     return 0

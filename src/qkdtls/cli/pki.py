@@ -1,4 +1,5 @@
-"""``qkdtls pki``: issue (``init``) and list (``show``) the certificates of a testbed."""
+"""``qkdtls pki``: issue the certificates of a network and write its KME configurations (``init``), list
+them (``show``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qkdtls import pki
+from qkdtls import pki, provision
+from qkdtls.pki import LOOPBACK
 
 DEFAULT_ZONES = ("1:1001,1002", "2:2001")
 _ZONE = re.compile(r"^\s*(-?\d+)\s*(?::(.*))?$")
@@ -19,9 +21,12 @@ def register(subparsers: Any) -> None:
 
     init = sub.add_parser(
         "init",
-        help="issue CA, KME, inter-KME, SAE, application and admin certificates",
-        description="Issue every certificate a testbed needs into DIR and print the SAE serials and "
-        "fingerprints to put into the KME configurations.",
+        help="issue the certificates and write a working KME configuration per zone",
+        description="Issue every certificate a network of KMEs needs into DIR/pki and write, for every "
+        "zone, DIR/kme<ID>.toml (listeners, store, peers with their URLs and certificate identities, SAEs, "
+        "admin) and its key folders DIR/keys/kme<ID>/link-<PEER> and DIR/keys/kme<ID>/local. Then: "
+        "`qkdtls kme serve --config DIR/kme1.toml` per zone, and `qkdtls qkd-link` (or a QKD stack) "
+        "writing into the two folders of each link.",
     )
     init.add_argument("dir", type=Path, metavar="DIR")
     init.add_argument(
@@ -35,6 +40,23 @@ def register(subparsers: Any) -> None:
     init.add_argument("--key-type", choices=pki.KEY_TYPES, default="ec-p256", help="key algorithm")
     init.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     init.add_argument("--hostname", default="localhost", help="SAN of the server certificates (+127.0.0.1)")
+    init.add_argument(
+        "--link",
+        action="append",
+        metavar="KME_ID-KME_ID",
+        help="a QKD link between two zones (repeatable; default: every pair of zones)",
+    )
+    init.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="address the KMEs listen on and call each other at (default 127.0.0.1)",
+    )
+    init.add_argument(
+        "--base-port",
+        type=int,
+        default=8440,
+        help="the n-th zone listens on BASE+2n (SAE interface) and BASE+2n+1 (inter-KME) (default 8440)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing layout in DIR")
     init.set_defaults(func=cmd_init)
 
@@ -65,22 +87,61 @@ def parse_zone(text: str) -> pki.ZoneSpec:
     return pki.ZoneSpec(kme_id=int(match.group(1)), saes=saes)
 
 
+def parse_link(text: str) -> tuple[int, int]:
+    from qkdtls.cli.main import UserError
+
+    a, sep, b = text.partition("-")
+    try:
+        if not sep:
+            raise ValueError
+        return int(a), int(b)
+    except ValueError:
+        raise UserError(f"--link {text!r}: expected KME_ID-KME_ID, e.g. 1-2") from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from qkdtls.cli.main import UserError
 
     root: Path = args.dir
-    if (root / pki.LAYOUT_FILE).exists() and not args.force:
+    if (root / "pki" / pki.LAYOUT_FILE).exists() and not args.force:
         raise UserError(f"{root} already holds a PKI layout; use --force to replace it")
     if args.days < 1:
         raise UserError("--days must be at least 1")
     specs = [parse_zone(z) for z in (args.zone or DEFAULT_ZONES)]
-    specs = [pki.ZoneSpec(s.kme_id, s.saes, args.hostname) for s in specs]
+    ids = [s.kme_id for s in specs]
+    if args.link:
+        links = [parse_link(text) for text in args.link]
+    else:
+        links = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]]
+    if not 1 <= args.base_port <= 65535 - 2 * len(specs):
+        raise UserError(f"--base-port: {args.base_port} leaves no room for {len(specs)} zones")
+    sites = [
+        provision.Site(
+            kme_id=s.kme_id,
+            saes=s.saes,
+            host=args.host,
+            sae_port=args.base_port + 2 * i,
+            inter_kme_port=args.base_port + 2 * i + 1,
+        )
+        for i, s in enumerate(specs)
+    ]
     try:
-        layout = pki.build_testbed_pki(root, specs, key_type=args.key_type, days=args.days)
-    except (pki.PkiError, OSError) as exc:
+        net = provision.provision(
+            root, sites, links, key_type=args.key_type, days=args.days, hostname=args.hostname
+        )
+    except (pki.PkiError, provision.ProvisionError, OSError) as exc:
         raise UserError(str(exc)) from None
+    layout = net.pki
     print(f"wrote {layout.root} ({args.key_type}, valid {args.days} days; keys are mode 0600)")
     print_layout(layout)
+    print()
+    print("KME configurations (generated; check with `qkdtls kme check-config FILE`):")
+    for kme_id, path in net.configs.items():
+        print(f"  {path}   SAE interface {net.sae_url(kme_id)}, inter-KME {net.inter_kme_url(kme_id)}")
+    print("Key folders (a QKD stack, or `qkdtls qkd-link DIR_A DIR_B`, writes identical files into both):")
+    for (a, b), ends in net.folders.items():
+        label = f"link {a}-{b}" if a != b else f"KME {a} local"
+        print(f"  {label:<14} " + "  ".join(str(f) for f in ends))
     return 0
 
 

@@ -13,6 +13,9 @@ is small, and it is all here:
   and the connection closed; malformed HTTP answered with 400 (never a traceback, never a hang);
 - a deadline for reading each request (slow or stalled senders), an idle timeout for kept-alive
   connections, back-pressure (a client that does not read its answers stops being read), TCP_NODELAY;
+- connection caps: a global cap, and caps on connections that have not authenticated yet, globally and
+  per client address, each full cap closing the oldest such connection to make room; a short idle timeout
+  for those connections (see ``ServerLimits``);
 - clean shutdown: stop accepting, let requests in progress answer (bounded), close the rest.
 
 The statuses the server chooses itself are 400 (the client's fault: malformed, no such route, method not
@@ -33,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -209,6 +212,27 @@ class ServerLimits:
     request_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_pipelined: int = 16
+    # Connection caps (0: none). A connection is *unauthenticated* from its accept (TLS handshake included)
+    # until one of its requests is answered with a status other than 401 and 403, after a TLS handshake
+    # that gave a verified client certificate when ``require_client_certificate``. Strangers can open
+    # connections for free, so they are what the caps bound: when the cap on unauthenticated connections,
+    # overall or from the new connection's address, is full, the oldest such connection is closed to make
+    # room (a client that goes on to authenticate is rarely the oldest); when ``max_connections`` is full
+    # and no connection is unauthenticated, the new one is closed at once.
+    max_connections: int = 0
+    max_unauthenticated: int = 0
+    max_unauthenticated_per_address: int = 0
+    # Idle (or request-reading) seconds an unauthenticated connection may last; None: like any other.
+    unauthenticated_timeout: float | None = None
+    require_client_certificate: bool = False
+
+
+# Why a connection was closed by the caps or timeouts: the keys of ``HttpServer.closed``.
+CLOSED_FULL = "full"  # max_connections reached, nothing to evict: closed at accept
+CLOSED_EVICTED = "evicted"  # oldest unauthenticated connection, for a new one
+CLOSED_EVICTED_ADDRESS = "evicted_per_address"  # the same, among those of one address
+CLOSED_UNAUTHENTICATED_TIMEOUT = "unauthenticated_timeout"
+CLOSED_HANDSHAKE = "handshake_failed"  # TLS handshake failed or timed out
 
 
 class _Abort(Exception):
@@ -261,6 +285,13 @@ class HttpConnection(asyncio.BufferedProtocol):
         # Deadlines checked by the server's timer: reading a request, or idling between requests.
         self.reading_since: float | None = None
         self.idle_since = time.monotonic()
+        # Connection caps (see ServerLimits): the client's address, whether it has authenticated, whether
+        # its TLS handshake gave a client certificate. ``_sock``: the accepted socket during the handshake.
+        self.address = ""
+        self.authenticated = False
+        self.admitted = False
+        self._has_certificate = False
+        self._sock: socket.socket | None = None
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -275,6 +306,15 @@ class HttpConnection(asyncio.BufferedProtocol):
     # --- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._server
+        if not self.admitted and not server.admit(self, transport):  # plain TCP: admitted here
+            self._closing = True
+            transport.abort()
+            return
+        self._sock = None
+        if self._closing:  # evicted or shut down while its TLS handshake completed
+            transport.abort()
+            return
         # uvloop's TLS transport is not an asyncio.Transport subclass, though it has the same methods.
         self.transport = cast(asyncio.Transport, transport)
         # Looked up once per connection: get_running_loop() costs a getpid() system call.
@@ -283,11 +323,15 @@ class HttpConnection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._has_certificate = ssl_object is not None and bool(ssl_object.getpeercert(binary_form=True))
+        self.idle_since = time.monotonic()
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._server.connections.discard(self)
+        self._server.release(self)
         self._pending.clear()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -439,6 +483,12 @@ class HttpConnection(asyncio.BufferedProtocol):
         last = self._close_when_answered and not self._pending
         keep_alive = keep_alive and not server.closing and not last
         self._write(response, keep_alive, http10=http10, head_only=request.method == "HEAD")
+        if (
+            not self.authenticated
+            and response.status not in (401, 403)
+            and (self._has_certificate or not server.limits.require_client_certificate)
+        ):
+            server.authenticated(self)
         if server.observer is not None:
             server.observer(request, response.status, time.perf_counter() - started)
         self._busy = False
@@ -513,6 +563,26 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
+        elif self._sock is not None:  # TLS handshake in progress: make it fail now
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Accepted:
+    """What ``admit`` reads of a connection accepted by ``HttpServer._accept``: its peer address."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        if name == "peername":
+            try:
+                return self._sock.getpeername()
+            except OSError:
+                return default
+        return default
 
 
 class HttpServer:
@@ -536,6 +606,17 @@ class HttpServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.date = _Date()
         self.closing = False
+        # Every admitted connection, TLS handshakes included, oldest first; those not authenticated yet,
+        # overall and per client address (oldest first); counts of connections closed by caps and timeouts.
+        self._admitted: dict[HttpConnection, None] = {}
+        self._unauthenticated: dict[HttpConnection, None] = {}
+        self._by_address: dict[str, dict[HttpConnection, None]] = {}
+        self.closed: collections.Counter[str] = collections.Counter()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._ssl: ssl.SSLContext | None = None
+        self._handshake_timeout: float | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._timer: asyncio.Task[None] | None = None
         self._port = 0
@@ -558,19 +639,139 @@ class HttpServer:
         backlog: int = 512,
     ) -> None:
         loop = asyncio.get_running_loop()
-        kwargs: dict[str, Any] = {"backlog": backlog, "reuse_address": True}
-        if ssl_context is not None:
-            kwargs["ssl"] = ssl_context
-            if handshake_timeout is not None:
-                kwargs["ssl_handshake_timeout"] = handshake_timeout
-        self._server = await loop.create_server(lambda: HttpConnection(self), host, port, **kwargs)
-        self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        self._ssl, self._handshake_timeout = ssl_context, handshake_timeout
+        if ssl_context is None:
+            self._server = await loop.create_server(
+                lambda: HttpConnection(self), host, port, backlog=backlog, reuse_address=True
+            )
+            self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        else:
+            # Over TLS, connections are accepted here and handed to the loop's TLS layer one by one
+            # (``connect_accepted_socket``) rather than by a TLS listener, so that each is counted, and
+            # capped, from its accept on: a TLS listener tells the application nothing about connections
+            # whose handshake never completes.
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, address = infos[0]
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(address)
+                listener.listen(backlog)
+                listener.setblocking(False)
+            except BaseException:
+                listener.close()
+                raise
+            self._listener = listener
+            self._port = int(listener.getsockname()[1])
+            self._acceptor = asyncio.create_task(self._accept(listener), name="http11-accept")
         self._timer = asyncio.create_task(self._enforce_timeouts(), name="http11-timeouts")
 
     @property
     def port(self) -> int:
         """The bound port (also after :meth:`close`)."""
         return self._port
+
+    # --- connection caps
+
+    @property
+    def open_connections(self) -> int:
+        """Admitted connections, TLS handshakes in progress included."""
+        return len(self._admitted)
+
+    @property
+    def unauthenticated_connections(self) -> int:
+        return len(self._unauthenticated)
+
+    def admit(self, conn: HttpConnection, transport: asyncio.BaseTransport | _Accepted) -> bool:
+        """Count a new connection under the caps, closing the oldest unauthenticated one(s) to make room;
+        False when it must be closed at once (``max_connections`` full of authenticated connections)."""
+        if self.closing:
+            return False
+        limits = self.limits
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        full = limits.max_connections and len(self._admitted) >= limits.max_connections
+        if full and not self._evict_oldest(self._unauthenticated, CLOSED_EVICTED):
+            self.closed[CLOSED_FULL] += 1
+            return False
+        if limits.max_unauthenticated and len(self._unauthenticated) >= limits.max_unauthenticated:
+            self._evict_oldest(self._unauthenticated, CLOSED_EVICTED)
+        same = self._by_address.get(address)
+        per_address = limits.max_unauthenticated_per_address
+        if per_address and same is not None and len(same) >= per_address:
+            self._evict_oldest(same, CLOSED_EVICTED_ADDRESS)
+        conn.address = address
+        conn.admitted = True
+        self._admitted[conn] = None
+        self._unauthenticated[conn] = None
+        self._by_address.setdefault(address, {})[conn] = None
+        return True
+
+    def authenticated(self, conn: HttpConnection) -> None:
+        """The connection has authenticated: the caps and the short timeout no longer apply to it."""
+        conn.authenticated = True
+        self._forget_unauthenticated(conn)
+
+    def release(self, conn: HttpConnection) -> None:
+        """The connection is closed (or being closed): it no longer counts."""
+        if self._admitted.pop(conn, 0) is None:
+            self._forget_unauthenticated(conn)
+
+    def _forget_unauthenticated(self, conn: HttpConnection) -> None:
+        if self._unauthenticated.pop(conn, 0) is None:
+            same = self._by_address.get(conn.address)
+            if same is not None:
+                same.pop(conn, None)
+                if not same:
+                    del self._by_address[conn.address]
+
+    def _evict_oldest(self, group: dict[HttpConnection, None], reason: str) -> bool:
+        if not group:
+            return False
+        oldest = next(iter(group))
+        self.release(oldest)
+        oldest.abort()
+        self.closed[reason] += 1
+        return True
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                # Out of file descriptors or memory: what is open must close first. Retry shortly.
+                log.warning("accept failed", extra={"event": "http.accept_failed", "error": str(exc)})
+                await asyncio.sleep(0.1)
+                continue
+            conn = HttpConnection(self)
+            if not self.admit(conn, _Accepted(sock)):
+                sock.close()
+                continue
+            conn._sock = sock
+            task = loop.create_task(self._handshake(conn, sock))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: HttpConnection, sock: socket.socket) -> None:
+        assert self._ssl is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
+            )
+        except asyncio.CancelledError:
+            sock.close()
+            self.release(conn)
+            raise
+        except Exception:
+            # Failed, timed out or cut short (evicted): OpenSSL has sent its alert where it had one to send.
+            sock.close()
+            if conn in self._admitted:
+                self.closed[CLOSED_HANDSHAKE] += 1
+            self.release(conn)
 
     async def _enforce_timeouts(self) -> None:
         # One sweep a second, not a timer per request: the deadlines are seconds, timers cost CPU.
@@ -584,16 +785,37 @@ class HttpServer:
                         conn.abort()
                 elif not conn.busy and now - conn.idle_since > limits.keepalive_timeout:
                     conn.close_if_idle()
+            short = limits.unauthenticated_timeout
+            if short is not None:
+                # Those in a TLS handshake have no transport yet: the handshake timeout bounds them.
+                for conn in list(self._unauthenticated):
+                    if conn.transport is None or conn.busy:
+                        continue
+                    since = conn.reading_since if conn.reading_since is not None else conn.idle_since
+                    if now - since > short:
+                        self.release(conn)
+                        conn.abort()
+                        self.closed[CLOSED_UNAUTHENTICATED_TIMEOUT] += 1
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, let requests in progress answer for up to ``timeout`` seconds, close everything."""
         self.closing = True
         if self._server is not None:
             self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
+        for task in list(self._handshakes):
+            task.cancel()
         for conn in list(self.connections):
             conn.close_if_idle()
         deadline = time.monotonic() + timeout
@@ -603,8 +825,10 @@ class HttpServer:
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=1.0)
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self._admitted]:
             conn.abort()
+        if self._handshakes:
+            await asyncio.wait(set(self._handshakes), timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

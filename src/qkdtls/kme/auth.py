@@ -1,7 +1,9 @@
 """Who is calling: the client certificate of a mutual-TLS connection mapped to an SAE, an admin or a KME.
 
-The TLS layer has already verified the chain against the configured CA(s); this module only recognises the
-verified certificate by its serial number or by the SHA-256 fingerprint of its DER encoding.
+The TLS layer has already verified the chain against the configured CA(s); this module recognises the
+verified certificate by its serial number or by the SHA-256 fingerprint of its DER encoding, and by the
+configured CA that issued it: a serial number is unique only per CA, so when a listener trusts several CAs,
+the same serial from another of them is another certificate (and another principal, or none).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdtls.http11.server import Request
-from qkdtls.kme.config import CertIdentity
+from qkdtls.kme.config import CertIdentity, ca_certificates
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PeerCertificate:
     serial: int
     fingerprint: bytes
+    certificate: x509.Certificate | None = None
 
 
 @lru_cache(maxsize=1024)
@@ -33,7 +38,9 @@ def _parse(der: bytes) -> PeerCertificate | None:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         return None
-    return PeerCertificate(serial=cert.serial_number, fingerprint=hashlib.sha256(der).digest())
+    return PeerCertificate(
+        serial=cert.serial_number, fingerprint=hashlib.sha256(der).digest(), certificate=cert
+    )
 
 
 # The certificate of a kept-alive connection, read once per connection instead of re-encoded per request.
@@ -66,10 +73,11 @@ T = TypeVar("T")
 class IdentityMap(Generic[T]):
     """Maps a certificate to a principal (an SAE ID, a KME ID, an administrator name).
 
-    A certificate matches an identity when every attribute the identity names (serial, fingerprint) matches.
+    A certificate matches an identity when every attribute the identity names (serial, fingerprint, issuing
+    CA) matches. ``cas``: the CA certificate files of the listener, among which the issuer is found.
     """
 
-    def __init__(self, entries: Iterable[tuple[CertIdentity, T]]) -> None:
+    def __init__(self, entries: Iterable[tuple[CertIdentity, T]], cas: Iterable[Path] = ()) -> None:
         self._by_serial: dict[int, list[tuple[CertIdentity, T]]] = {}
         self._by_fingerprint: dict[bytes, list[tuple[CertIdentity, T]]] = {}
         for identity, principal in entries:
@@ -77,15 +85,48 @@ class IdentityMap(Generic[T]):
                 self._by_fingerprint.setdefault(identity.fingerprint, []).append((identity, principal))
             elif identity.serial is not None:
                 self._by_serial.setdefault(identity.serial, []).append((identity, principal))
+        self._cas = [
+            (ca, hashlib.sha256(ca.public_bytes(Encoding.DER)).digest()) for ca in ca_certificates(tuple(cas))
+        ]
+        # Certificate fingerprint -> fingerprint of the configured CA that issued it (None: none of them).
+        self._issuers: dict[bytes, bytes | None] = {}
+
+    def issuer_of(self, cert: PeerCertificate) -> bytes | None:
+        """The configured CA that directly issued ``cert`` (name and signature checked), by fingerprint."""
+        try:
+            return self._issuers[cert.fingerprint]
+        except KeyError:
+            pass
+        found = None
+        if cert.certificate is not None:
+            for ca, digest in self._cas:
+                if ca.subject != cert.certificate.issuer:
+                    continue
+                try:
+                    cert.certificate.verify_directly_issued_by(ca)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                found = digest
+                break
+        if len(self._issuers) >= 4096:  # certificates come from the verified chains of callers: stay bounded
+            self._issuers.clear()
+        self._issuers[cert.fingerprint] = found
+        return found
+
+    def _issued_by(self, identity: CertIdentity, cert: PeerCertificate) -> bool:
+        return identity.issuer is None or identity.issuer == self.issuer_of(cert)
 
     def lookup(self, cert: PeerCertificate | None) -> T | None:
         if cert is None:
             return None
         for identity, principal in self._by_fingerprint.get(cert.fingerprint, ()):
-            if identity.serial is None or identity.serial == cert.serial:
+            if (identity.serial is None or identity.serial == cert.serial) and self._issued_by(
+                identity, cert
+            ):
                 return principal
-        for _identity, principal in self._by_serial.get(cert.serial, ()):
-            return principal
+        for identity, principal in self._by_serial.get(cert.serial, ()):
+            if self._issued_by(identity, cert):
+                return principal
         return None
 
 

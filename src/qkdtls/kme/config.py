@@ -8,11 +8,15 @@ directory of the configuration file. ``docs/kme.example.toml`` documents every f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE
 from qkdtls.kme.quotas import DEFAULT_BURST, QuotaSettings, RateLimit, SaeQuota
@@ -27,10 +31,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class CertIdentity:
-    """How a client certificate is recognised: by serial number, SHA-256 fingerprint of its DER, or both."""
+    """How a client certificate is recognised: by serial number, SHA-256 fingerprint of its DER, or both,
+    and by the CA that issued it (``issuer``: SHA-256 of that CA certificate's DER). A serial number is
+    unique only among one CA's certificates, so a serial always comes with its issuer."""
 
     serial: int | None = None
     fingerprint: bytes | None = None
+    issuer: bytes | None = None
 
     def __repr__(self) -> str:
         parts = []
@@ -38,6 +45,8 @@ class CertIdentity:
             parts.append(f"serial={self.serial:x}")
         if self.fingerprint is not None:
             parts.append(f"fingerprint={self.fingerprint.hex()}")
+        if self.issuer is not None:
+            parts.append(f"issuer={self.issuer.hex()[:16]}")
         return f"CertIdentity({', '.join(parts)})"
 
 
@@ -50,17 +59,65 @@ class Listener:
     client_ca: tuple[Path, ...]
 
 
+# --- connection caps of a listener (see http11.server.ServerLimits) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCaps:
+    """Bounds on what unauthenticated callers can hold open on one listener.
+
+    A connection is unauthenticated from its accept until a request of it is answered with a status other
+    than 401/403 after a TLS handshake that gave a verified client certificate."""
+
+    max_connections: int = 4096
+    max_unauthenticated: int = 512
+    max_unauthenticated_per_address: int = 128
+    unauthenticated_timeout: float = 5.0
+
+
+SAE_CAPS = ConnectionCaps()
+# Inter-KME callers are the few peer KMEs, each with a handful of kept-alive connections.
+INTER_KME_CAPS = ConnectionCaps(
+    max_connections=1024, max_unauthenticated=128, max_unauthenticated_per_address=32
+)
+
+
+def _connection_caps(r: _Reader, defaults: ConnectionCaps) -> ConnectionCaps:
+    caps = ConnectionCaps(
+        max_connections=r.integer("max_connections", defaults.max_connections, lo=1, hi=1_000_000),
+        max_unauthenticated=r.integer(
+            "max_unauthenticated", defaults.max_unauthenticated, lo=1, hi=1_000_000
+        ),
+        max_unauthenticated_per_address=r.integer(
+            "max_unauthenticated_per_address", defaults.max_unauthenticated_per_address, lo=1, hi=1_000_000
+        ),
+        unauthenticated_timeout=r.number(
+            "unauthenticated_timeout", defaults.unauthenticated_timeout, hi=300.0
+        ),
+    )
+    if caps.max_unauthenticated > caps.max_connections:
+        raise r.error("max_unauthenticated", "must not exceed max_connections")
+    if caps.max_unauthenticated_per_address > caps.max_unauthenticated:
+        raise r.error("max_unauthenticated_per_address", "must not exceed max_unauthenticated")
+    return caps
+
+
+# --- end of connection caps ---------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class SaeInterface:
     listen: Listener
     max_body_bytes: int = 65536
     handshake_timeout: float = 10.0
+    caps: ConnectionCaps = SAE_CAPS
 
 
 @dataclass(frozen=True, slots=True)
 class InterKmeInterface:
     listen: Listener
     handshake_timeout: float = 10.0
+    caps: ConnectionCaps = INTER_KME_CAPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +183,8 @@ class KmeConfig:
     metrics: bool = True
     sweep_interval: float = 5.0
     ingest_interval: float = 0.5
+    # Bytes per second a key file is appended at while the KME serves (see kme/ingest.py).
+    ingest_rate: float = 1024 * 1024
 
     def sae_entries(self) -> dict[int, SaeEntry]:
         return {s.sae_id: s.entry() for s in self.saes}
@@ -268,7 +327,64 @@ def parse_fingerprint(value: Any) -> bytes:
     raise ValueError("must be 64 hex digits (SHA-256 of the DER certificate)")
 
 
-def _identity(r: _Reader, *, required: bool) -> CertIdentity | None:
+# --- certificate identities: serial/fingerprint and the issuing CA -----------------------------------------
+
+
+def ca_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
+    """Every certificate in the CA files of a listener (a file may hold several)."""
+    out: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            out += x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # the TLS context reports an unreadable CA file when it loads it
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Trust:
+    """The CAs of the listener an identity is checked on, and that listener's field name (for errors)."""
+
+    field: str
+    cas: tuple[bytes, ...]  # SHA-256 of each CA certificate's DER
+
+
+def _trust(field: str, paths: tuple[Path, ...]) -> _Trust:
+    cas = tuple(hashlib.sha256(c.public_bytes(Encoding.DER)).digest() for c in ca_certificates(paths))
+    return _Trust(field, cas)
+
+
+def _issuer(r: _Reader, trust: _Trust, serial: int | None) -> bytes | None:
+    """The ``issuer`` field: the CA certificate that issued the client certificate, one of the listener's.
+
+    Without it, a single trusted CA is implied; with several, a serial alone is refused (it would match that
+    serial from every trusted CA), a fingerprint alone is fine (it pins one certificate)."""
+    if r.has("issuer"):
+        path = r.path("issuer")
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            raise r.error("issuer", f"not a PEM CA certificate: {path}") from None
+        if len(certs) != 1:
+            raise r.error("issuer", f"must hold exactly one CA certificate: {path}")
+        digest = hashlib.sha256(certs[0].public_bytes(Encoding.DER)).digest()
+        if digest not in trust.cas:
+            raise r.error("issuer", f"is not one of the CAs of {trust.field}: {path}")
+        return digest
+    if len(trust.cas) == 1:
+        return trust.cas[0]
+    if not trust.cas:  # no readable CA certificate: the listener's TLS context refuses to load anyway
+        return None
+    if serial is not None and not r.has("fingerprint"):
+        raise r.error(
+            "issuer",
+            f"missing: {trust.field} trusts {len(trust.cas)} CA certificates and a serial number is unique "
+            "only per CA; name the CA certificate that issued this one (or give its fingerprint)",
+        )
+    return None
+
+
+def _identity(r: _Reader, *, required: bool, trust: _Trust | None = None) -> CertIdentity | None:
     serial = fingerprint = None
     if r.has("serial"):
         try:
@@ -283,14 +399,20 @@ def _identity(r: _Reader, *, required: bool) -> CertIdentity | None:
     if serial is None and fingerprint is None:
         if required:
             raise r.error("serial", "missing (give serial or fingerprint of the client certificate)")
+        if r.has("issuer"):
+            raise r.error("issuer", "only SAEs of this KME have a certificate identity here")
         return None
-    return CertIdentity(serial=serial, fingerprint=fingerprint)
+    issuer = _issuer(r, trust, serial) if trust is not None else None
+    return CertIdentity(serial=serial, fingerprint=fingerprint, issuer=issuer)
 
 
-def _required_identity(r: _Reader) -> CertIdentity:
-    identity = _identity(r, required=True)
+def _required_identity(r: _Reader, trust: _Trust | None = None) -> CertIdentity:
+    identity = _identity(r, required=True, trust=trust)
     assert identity is not None  # _identity raised otherwise
     return identity
+
+
+# --- end of certificate identities --------------------------------------------------------------------------
 
 
 def _host_port(r: _Reader, name: str) -> tuple[str, int]:
@@ -423,7 +545,7 @@ def _quota_pairs(r: _Reader | None, saes: list[SaeConfig]) -> dict[tuple[int, in
 # -- end of key-delivery policy ----------------------------------------------------------------------------
 
 
-def _peer(r: _Reader) -> Peer:
+def _peer(r: _Reader, trust: _Trust | None) -> Peer:
     url = r.string("url", required=True).rstrip("/")
     if not url.startswith("https://"):
         raise r.error("url", "must be an https:// URL of the peer's inter-KME interface")
@@ -434,7 +556,7 @@ def _peer(r: _Reader) -> Peer:
         client_key=r.path("client_key"),
         ca=r.path("ca"),
         server_name=r.optional_string("server_name"),
-        identity=_required_identity(r),
+        identity=_required_identity(r, trust),
         folder=r.path("folder", kind="dir"),
         delete_after_import=r.boolean("delete_after_import", False),
         timeout=r.number("timeout", 5.0, hi=300.0),
@@ -460,6 +582,7 @@ def parse_config(
         listen=_listener(sae_r),
         max_body_bytes=sae_r.integer("max_body_bytes", 65536, lo=1024, hi=16 << 20),
         handshake_timeout=sae_r.number("handshake_timeout", 10.0, hi=300.0),
+        caps=_connection_caps(sae_r, SAE_CAPS),
     )
     sae_r.finish()
 
@@ -467,7 +590,9 @@ def parse_config(
     inter = None
     if inter_r is not None:
         inter = InterKmeInterface(
-            listen=_listener(inter_r), handshake_timeout=inter_r.number("handshake_timeout", 10.0, hi=300.0)
+            listen=_listener(inter_r),
+            handshake_timeout=inter_r.number("handshake_timeout", 10.0, hi=300.0),
+            caps=_connection_caps(inter_r, INTER_KME_CAPS),
         )
         inter_r.finish()
 
@@ -496,7 +621,8 @@ def parse_config(
         )
         local_r.finish()
 
-    peers = tuple(_peer(p) for p in root.tables("peers"))
+    inter_trust = _trust("inter_kme.client_ca", inter.listen.client_ca) if inter is not None else None
+    peers = tuple(_peer(p, inter_trust) for p in root.tables("peers"))
     seen_peers: set[int] = set()
     for i, peer in enumerate(peers):
         if peer.kme_id == kme_id:
@@ -507,12 +633,13 @@ def parse_config(
     if peers and inter is None:
         raise root.error("inter_kme", "missing (needed because [[peers]] are configured)")
 
+    sae_trust = _trust("sae_interface.client_ca", sae_interface.listen.client_ca)
     saes: list[SaeConfig] = []
     for i, s in enumerate(root.tables("saes")):
         sae_id = s.integer("id", required=True)
         sae_kme = s.integer("kme_id", required=True)
         local_sae = sae_kme == kme_id
-        identity = _identity(s, required=local_sae)
+        identity = _identity(s, required=local_sae, trust=sae_trust if local_sae else None)
         if identity is not None and not local_sae:
             raise s.error(
                 "serial" if identity.serial is not None else "fingerprint",
@@ -540,7 +667,7 @@ def parse_config(
     admins: list[AdminConfig] = []
     for a in root.tables("admins"):
         name = a.string("name", "admin")
-        identity = _required_identity(a)
+        identity = _required_identity(a, sae_trust)
         a.finish()
         admins.append(AdminConfig(name=name, identity=identity))
 
@@ -558,8 +685,10 @@ def parse_config(
 
     ingest_r = root.table("ingest")
     ingest_interval = 0.5
+    ingest_rate = 1024.0 * 1024
     if ingest_r is not None:
         ingest_interval = ingest_r.number("interval", 0.5, hi=3600.0)
+        ingest_rate = ingest_r.number("rate", ingest_rate, lo=1023.0, hi=1e12)
         ingest_r.finish()
     root.finish()
 
@@ -579,6 +708,7 @@ def parse_config(
         metrics=metrics,
         sweep_interval=sweep_interval,
         ingest_interval=ingest_interval,
+        ingest_rate=ingest_rate,
     )
 
 
@@ -596,9 +726,11 @@ def _check_identities_unique(
         for key in (("serial", identity.serial), ("fingerprint", identity.fingerprint)):
             if key[1] is None:
                 continue
-            # Peers present certificates of another CA on another listener; clashes only matter per listener.
+            # Peers present certificates of another CA on another listener; clashes only matter per listener,
+            # and a serial only per issuing CA.
             scope = "peer" if where.startswith("peers") else "sae"
-            slot = (scope + key[0], key[1])
+            issuer = identity.issuer if key[0] == "serial" else None
+            slot = (scope + key[0], (key[1], issuer))
             if slot in owners:
                 raise root.error(f"{where}.{key[0]}", f"same certificate identity as {owners[slot]}")
             owners[slot] = where

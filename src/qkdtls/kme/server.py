@@ -19,8 +19,9 @@ from pathlib import Path
 
 from qkdtls.http11.server import HttpServer, Router, ServerLimits
 from qkdtls.kme.auth import IdentityMap, server_context
-from qkdtls.kme.config import KmeConfig
+from qkdtls.kme.config import ConnectionCaps, KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
+from qkdtls.kme.listener_metrics import ListenerStats
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.peers import INTER_KME_STATUSES, HttpPeerGateway, InterKmeApi
 from qkdtls.kme.routes import ETSI_STATUSES, SaeApi, error_response, exception_response, response_observer
@@ -41,6 +42,8 @@ class KmeServer:
         self._servers: dict[str, HttpServer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._store: KeyStore | None = None
+        if self.metrics is not None:
+            self.metrics.registry.register(ListenerStats(self._servers))
 
     @property
     def sae_port(self) -> int:
@@ -68,13 +71,14 @@ class KmeServer:
         folders = [LinkFolder(p.kme_id, p.folder, p.delete_after_import) for p in cfg.peers]
         if cfg.local_link is not None:
             folders.append(LinkFolder(cfg.kme_id, cfg.local_link.folder, cfg.local_link.delete_after_import))
-        ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size)
+        ingestor = Ingestor(self._store, cfg.kme_id, folders, cfg.service.block_size, rate=cfg.ingest_rate)
         # Import what is already there before answering SAEs, so a fresh KME does not report an empty stock.
-        imported = await ingestor.scan()
+        imported = await ingestor.scan(startup=True)
         log.info("key folders imported", extra={"event": "ingest.startup", "bytes": imported})
 
-        saes = IdentityMap([(s.identity, s.sae_id) for s in cfg.saes if s.identity is not None])
-        admins = IdentityMap([(a.identity, a.name) for a in cfg.admins])
+        sae_cas = cfg.sae_interface.listen.client_ca
+        saes = IdentityMap([(s.identity, s.sae_id) for s in cfg.saes if s.identity is not None], sae_cas)
+        admins = IdentityMap([(a.identity, a.name) for a in cfg.admins], sae_cas)
         sae_api = SaeApi(
             cfg.kme_id,
             self.service,
@@ -92,9 +96,10 @@ class KmeServer:
             server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=False),
             cfg.sae_interface.handshake_timeout,
             sae_api.max_body_bytes,
+            cfg.sae_interface.caps,
         )
         if cfg.inter_kme is not None:
-            peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers])
+            peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers], cfg.inter_kme.listen.client_ca)
             inter_api = InterKmeApi(self.service, peers, self.metrics)
             listen = cfg.inter_kme.listen
             await self._listen(
@@ -105,6 +110,7 @@ class KmeServer:
                 server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=True),
                 cfg.inter_kme.handshake_timeout,
                 inter_api.max_body_bytes,
+                cfg.inter_kme.caps,
                 INTER_KME_STATUSES,
             )
 
@@ -130,14 +136,24 @@ class KmeServer:
         ctx: ssl.SSLContext,
         handshake_timeout: float,
         max_body_bytes: int,
+        caps: ConnectionCaps,
         statuses: frozenset[int] = ETSI_STATUSES,
     ) -> None:
+        limits = ServerLimits(
+            max_body_bytes=max_body_bytes,
+            max_connections=caps.max_connections,
+            max_unauthenticated=caps.max_unauthenticated,
+            max_unauthenticated_per_address=caps.max_unauthenticated_per_address,
+            unauthenticated_timeout=caps.unauthenticated_timeout,
+            # Both listeners identify callers by their client certificate: without one, nobody is known.
+            require_client_certificate=True,
+        )
         server = HttpServer(
             router,
             error_response=error_response,
             exception_response=exception_response(statuses),
             observer=response_observer(self.metrics, logging.getLogger(f"qkdtls.kme.access.{name}")),
-            limits=ServerLimits(max_body_bytes=max_body_bytes),
+            limits=limits,
         )
         await server.start(host, port, ssl_context=ctx, handshake_timeout=handshake_timeout)
         self._servers[name] = server

@@ -118,9 +118,27 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     async def import_file(
-        self, link: int, name: str, data: bytes, sha256: str, block_size: int, *, local: bool
+        self,
+        link: int,
+        name: str,
+        data: bytes,
+        sha256: str,
+        block_size: int,
+        *,
+        local: bool,
+        offset: int = 0,
+        total: int | None = None,
     ) -> int | None:
-        """Append a key file to the link's stream; bytes imported, or None if the ledger already has it."""
+        """Append a key file, or its part ``data`` at ``offset`` of ``total`` bytes, to the link's stream.
+
+        Returns the bytes imported, or None if the ledger already has them. ``sha256`` is the whole file's.
+        The ledger row of a file counts the bytes imported so far (its ``size``), so a file can be imported
+        in parts, one transaction each, and a restart resumes after the last committed part.
+        """
+
+    @abc.abstractmethod
+    async def import_progress(self, link: int, name: str) -> tuple[int, str] | None:
+        """(bytes imported so far, sha256 of the whole file) from the ledger, or None if it has no row."""
 
     @abc.abstractmethod
     async def hold_blocks(self, link: int, direction: int, count: int) -> list[Block]:

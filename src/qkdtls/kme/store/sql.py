@@ -378,19 +378,39 @@ class SqlKeyStore(KeyStore):
     # -- key folders ----------------------------------------------------------------------------------------
 
     async def import_file(
-        self, link: int, name: str, data: bytes, sha256: str, block_size: int, *, local: bool
+        self,
+        link: int,
+        name: str,
+        data: bytes,
+        sha256: str,
+        block_size: int,
+        *,
+        local: bool,
+        offset: int = 0,
+        total: int | None = None,
     ) -> int | None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
+        end = offset + len(data)
+        if total is None:
+            total = end
+        if offset < 0 or end > total:
+            raise ValueError("the part must lie within the file")
 
         def op(tx: Tx) -> int | None:
             cur = tx.cur
-            cur.execute(f"SELECT sha256 FROM ledger WHERE link = ? AND name = ?{tx.lock}", (link, name))
-            row = cur.fetchone()
-            if row is not None:
-                if row[0] != sha256:
+            cur.execute(f"SELECT size, sha256 FROM ledger WHERE link = ? AND name = ?{tx.lock}", (link, name))
+            entry = cur.fetchone()
+            if entry is not None:
+                done, digest = entry
+                if digest != sha256:
                     raise ImportRejected(f"{name} was imported before with other content")
-                return None
+                if end <= done:
+                    return None  # this part committed before (a restart, or another process)
+                if offset != done:
+                    raise ImportRejected(f"{name}: part at byte {offset} does not follow byte {done}")
+            elif offset != 0:
+                raise ImportRejected(f"{name}: part at byte {offset} but nothing of the file was imported")
             cur.execute(
                 "SELECT block_size, next_seq, carry, last_file, imported_bytes, histogram FROM streams "
                 f"WHERE link = ?{tx.lock}",
@@ -408,8 +428,10 @@ class SqlKeyStore(KeyStore):
                 bs, next_seq, carry, last, imported, hist = row
             if bs != block_size:
                 raise ImportRejected(f"link {link} was started with {bs}-byte blocks, not {block_size}")
-            if name <= last:
+            if entry is None and name <= last:
                 raise ImportRejected(f"{name} sorts before the last imported file {last}")
+            if entry is not None and name != last:
+                raise ImportRejected(f"{name}: another file was imported after its first part")
             stream = bytes(carry) + data
             full = len(stream) // bs
             rows = [
@@ -426,10 +448,16 @@ class SqlKeyStore(KeyStore):
                 "histogram = ? WHERE link = ?",
                 (next_seq + full, stream[full * bs :], name, imported + len(data), _HIST.pack(*counts), link),
             )
-            cur.execute(
-                "INSERT INTO ledger(link, name, size, sha256, imported_at) VALUES (?, ?, ?, ?, ?)",
-                (link, name, len(data), sha256, time.time()),
-            )
+            if entry is None:
+                cur.execute(
+                    "INSERT INTO ledger(link, name, size, sha256, imported_at) VALUES (?, ?, ?, ?, ?)",
+                    (link, name, end, sha256, time.time()),
+                )
+            else:
+                cur.execute(
+                    "UPDATE ledger SET size = ?, imported_at = ? WHERE link = ? AND name = ?",
+                    (end, time.time(), link, name),
+                )
             if local:
                 tx.add(link, "free0", full)
             else:  # seqs next_seq .. next_seq+full-1 alternate directions
@@ -437,6 +465,14 @@ class SqlKeyStore(KeyStore):
                 tx.add(link, "free1", odd)
                 tx.add(link, "free0", full - odd)
             return len(data)
+
+        return await self._do(op)
+
+    async def import_progress(self, link: int, name: str) -> tuple[int, str] | None:
+        def op(tx: Tx) -> tuple[int, str] | None:
+            tx.cur.execute("SELECT size, sha256 FROM ledger WHERE link = ? AND name = ?", (link, name))
+            row = tx.cur.fetchone()
+            return None if row is None else (int(row[0]), str(row[1]))
 
         return await self._do(op)
 
