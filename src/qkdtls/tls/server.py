@@ -76,11 +76,13 @@ from .messages import (
 from .qkd_reference import (
     CONTENT_TYPE_CHALLENGE,
     KEY_LEN,
+    RECORD_VERSION_QKD,
     Challenge,
     QkdRequest,
     ReferenceProtection,
     open_challenge,
     seal_challenge,
+    secure_offer_iv,
 )
 from .qkd_secure import (
     EXT_QKD_KEY_ANNOUNCE,
@@ -88,6 +90,7 @@ from .qkd_secure import (
     HANDSHAKE_QKD_KEY_ANNOUNCE,
     QkdKeyAnnounce,
     QkdRekey,
+    key_long_enough,
     parse_psk_identity,
     rekeyed_secret,
 )
@@ -471,12 +474,36 @@ class TLSServer:
 
     def _on_qkd_key(self, key: bytes | None) -> None:
         profile = self._offer.profile
-        if key is None or (profile == "reference" and len(key) != KEY_LEN):
+        if key is None:
             log.info(
                 "QKD key unavailable",
                 extra={"event": "tls.qkd_key_unavailable", "key_ID": self._offer.key_id},
             )
             self._not_ours(InsufficientSecurity("the KME did not deliver the QKD key"))
+            return
+        if not key_long_enough(key) or (profile == "reference" and len(key) != KEY_LEN):
+            # A key the profile cannot use is one the KME did not give: classic or refused, never weak.
+            log.warning(
+                "QKD key of an unusable length",
+                extra={"event": "tls.qkd_key_unusable", "key_ID": self._offer.key_id, "bits": 8 * len(key)},
+            )
+            self._not_ours(InsufficientSecurity("the QKD key is too short for this profile"))
+            return
+        request = self._offer.reference
+        if (
+            profile == "reference"
+            and request is not None
+            and "secure" in self.config.qkd_profiles
+            and constant_time_equal(request.iv, secure_offer_iv(key))
+        ):
+            # The client offered this key as a secure-profile PSK too, and we serve that profile: had the PSK
+            # arrived we would have chosen it. Someone removed or spoiled it; the reference profile is exactly
+            # what such an attacker wants (docs/tls-qkd.md §5), so it is never the answer.
+            log.warning(
+                "reference offer refused: the ClientHello lost its secure-profile offer",
+                extra={"event": "tls.qkd_downgrade_refused", "key_ID": self._offer.key_id},
+            )
+            self._not_ours(InsufficientSecurity("the secure-profile offer was removed from the ClientHello"))
             return
         self._qkd_key = key
         assert self._client_hello is not None
@@ -839,8 +866,8 @@ class TLSServer:
 
     def _on_rekey_key(self, key: bytes | None) -> None:
         assert self._schedule is not None and self._pending_rekey is not None
-        if not key:
-            raise HandshakeFailure("the KME did not deliver the rekey key")
+        if not key_long_enough(key):
+            raise HandshakeFailure("the KME did not deliver a usable rekey key")
         algorithm = self._schedule.algorithm
         self._client_secret = rekeyed_secret(algorithm, self._client_secret, key, client=True)
         self._records.read = self._aead(self._client_secret)
