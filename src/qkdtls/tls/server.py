@@ -327,6 +327,10 @@ class TLSServer:
             and not self._peer_closed
             and self.state not in (State.FAILED, State.CLOSED)
         ):
+            if self.state is not State.CONNECTED:
+                # A handshake the client abandoned (e.g. before its ChallengeAck): fail now, as OpenSSL does
+                # with decode_error, rather than wait for the adapter's handshake deadline.
+                raise DecodeError(f"the client closed the connection while {self.state.value}")
             self._peer_closed_read()
 
     def _on_alert(self, payload: bytes) -> None:
@@ -378,18 +382,20 @@ class TLSServer:
             if len(self._first) > MAX_FIRST_FLIGHT:
                 self._not_ours(DecodeError("first flight too large"))
             elif self._eof:
-                self.state = State.CLOSED
-                self._events.append(ConnectionClosed(None))
+                # OpenSSL answers a first flight cut short by the end of the stream (even an empty one) with
+                # decode_error at once; so do we, or OpenSSL itself after the hand-off.
+                self._not_ours(DecodeError("the client closed before its ClientHello was complete"))
             return
         body, raw, consumed = framed
         try:
             hello = ClientHello.decode(body)
+            server_name = self._server_name(hello)
         except TLSAlert as error:
             self._not_ours(error)
             return
         self._records.feed(bytes(self._first[consumed:]))
         self._client_hello, self._client_hello_raw = hello, raw
-        self.server_name = self._server_name(hello)
+        self.server_name = server_name
         try:
             offered = self.config.qkd != "off" and self._find_offer(hello)
         except TLSAlert as error:
@@ -410,7 +416,7 @@ class TLSServer:
         if self.config.qkd == "required":
             raise reason
         self.state = State.HANDED_OFF
-        self._events.append(HandOff(bytes(self._first)))
+        self._events.append(HandOff(bytes(self._first), eof=self._eof))
 
     @staticmethod
     def _server_name(hello: ClientHello) -> str | None:
@@ -710,7 +716,7 @@ class TLSServer:
         self._send_plain_handshake(server_hello.to_bytes())
         self._enter_handshake_keys(hello, shared_secret, switch_write=False)
         # The fork's client answers the challenge in a 0x50 record; a compatibility CCS before it is harmless.
-        self._records.raw_types = frozenset({CONTENT_TYPE_CHALLENGE})
+        self._records.raw_types = {CONTENT_TYPE_CHALLENGE: RECORD_VERSION_QKD}   # the fork sends 0x0E00
         self._records.allow_ccs = True
         self.state = State.WAIT_CHALLENGE_ACK
 
@@ -729,7 +735,7 @@ class TLSServer:
         answer = open_challenge(self._qkd_key, request.iv, 1, body)
         if not self._challenge.is_answered_by(answer):
             raise DecryptError("the QKD challenge was not answered")
-        self._records.raw_types = frozenset()
+        self._records.raw_types = {}
         self._handshake.require_empty()
         self._records.write = self._aead(self._server_hs_secret)
         self._send_protected_handshake(EncryptedExtensions(self._common_encrypted_extensions()).to_bytes())
