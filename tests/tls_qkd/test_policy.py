@@ -29,6 +29,7 @@ from qkdtls import pki
 from qkdtls.etsi014.client import KmeClient
 from qkdtls.net.context import QKDContext
 from qkdtls.net.errors import QKDHandshakeError, QKDPolicyError
+from qkdtls.net.socket import QKDSocket
 from qkdtls.testbed import free_port
 from qkdtls.tls.alerts import AlertDescription
 
@@ -85,6 +86,17 @@ def test_openssl_client_served_classically_by_preferred_server(site_b: Site, kme
     assert info.mode == "classic" and info.version == "TLSv1.3"  # type: ignore[attr-defined]
 
 
+def _reversed_by_openssl(tls: QKDSocket, line: bytes) -> bytes:
+    """Send a line to ``openssl s_server -rev``, which answers it reversed; the answer up to its newline."""
+    tls.sendall(line)
+    answer = b""
+    while b"\n" not in answer:
+        chunk = tls.recv(100)
+        assert chunk, "openssl closed early"
+        answer += chunk
+    return answer
+
+
 def test_preferred_client_against_openssl_server(site_b: Site, kme_a: KmeClient) -> None:
     port = free_port()
     argv = [
@@ -115,13 +127,7 @@ def test_preferred_client_against_openssl_server(site_b: Site, kme_a: KmeClient)
         with client.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
             assert tls.info is not None and tls.info.mode == "classic"
             assert tls.getpeercert()["subjectAltName"]  # the certificate was received and checked
-            tls.sendall(b"hello\n")
-            answer = b""
-            while b"\n" not in answer:
-                chunk = tls.recv(100)
-                assert chunk, "openssl closed early"
-                answer += chunk
-        assert answer.startswith(b"olleh")  # -rev: openssl answers each line reversed
+            assert _reversed_by_openssl(tls, b"hello\n").startswith(b"olleh")
         # The key spent on this classic server is remembered: the next connection offers none.
         assert ("localhost", port) in client.non_qkd_peers
     finally:
@@ -183,13 +189,7 @@ def test_classic_fallback_accepts_a_private_ca_without_key_usage(kme_a: KmeClien
         # A key is offered (openssl ignores it): the classic fallback checks the chain to this CA.
         with _fallback_client(kme_a, ca).wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.info is not None and tls.info.mode == "classic"
-            tls.sendall(b"hello\n")
-            answer = b""
-            while b"\n" not in answer:
-                chunk = tls.recv(100)
-                assert chunk, "openssl closed early"
-                answer += chunk
-    assert answer.startswith(b"olleh")
+            assert _reversed_by_openssl(tls, b"hello\n").startswith(b"olleh")
 
 
 def test_ca_whose_key_usage_forbids_certificate_signing_is_refused_by_name(
