@@ -6,10 +6,11 @@ import datetime as dt
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import VerificationError
 from tests.peers.servers import Identity, ServerPki
 
 from qkdtls.tls.alerts import BadCertificate, CertificateExpired, UnknownCA
-from qkdtls.tls.certificates import verify_client_chain, verify_server_chain
+from qkdtls.tls.certificates import _map_error, verify_client_chain, verify_server_chain
 
 
 def _der(identity: Identity) -> list[bytes]:
@@ -52,3 +53,18 @@ def test_client_chain(server_pki: ServerPki) -> None:
     verify_client_chain(_der(server_pki.client), server_pki.trust())
     with pytest.raises(UnknownCA):
         verify_client_chain(_der(server_pki.client), [server_pki.foreign_ca.certificate()])
+
+
+
+def test_reasons_name_the_extension(server_pki: ServerPki) -> None:
+    """The verifier names extensions by OID; the alert text a user sees names them in words."""
+    error = VerificationError(
+        "validation failed: candidates exhausted: invalid extension: 2.5.29.19: "
+        "Certificate is missing required extension"
+    )
+    leaf = server_pki.servers["ec-p256"].certificate()   # valid now: only the reason decides
+    alert = _map_error(error, leaf, dt.datetime.now(dt.UTC))
+    assert isinstance(alert, BadCertificate)
+    assert str(alert) == (
+        "certificate rejected: invalid extension: basicConstraints: Certificate is missing required extension"
+    )

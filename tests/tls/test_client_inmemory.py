@@ -156,7 +156,7 @@ def test_reference_profile_wire_format(server_pki: ServerPki) -> None:
     """0xFEA6 before server_name/key_share; the ChallengeAck right after the ServerHello; no CCS, no
     client Finished (reference §2.4, §2.6, §2.12)."""
     key, key_id = os.urandom(32), str(uuid.uuid4())
-    cfg = ClientConfig(qkd="required", qkd_profiles=("reference",))
+    cfg = ClientConfig(trust=server_pki.trust(), qkd="required", qkd_profiles=("reference",))
     client = TLSClient(cfg, "localhost", QkdOffer(key_id, key, 1))
     ident = server_pki.servers["ec-p256"]
     server = TLSServer(ServerConfig(certificate_chain=[ident.certificate()], private_key=ident.private_key(),

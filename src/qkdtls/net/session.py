@@ -105,17 +105,20 @@ class Session:
                 self._events.append(event)
                 continue
             if isinstance(event, HandOff):
-                self._hand_off(event.initial_data)
+                self._hand_off(event.initial_data, event.eof)
                 return
             if isinstance(event, HandshakeComplete):
                 self.info = event.info
             elif isinstance(event, ConnectionClosed):
                 self.closed_by_peer = True
-                if event.alert is not None and not self.established:
-                    raise PeerAlert(event.alert)
+                if not self.established:
+                    if event.alert is not None:
+                        raise PeerAlert(event.alert)
+                    # Both adapters fail the handshake now instead of at their deadline.
+                    raise QKDHandshakeError("peer closed the connection during the handshake")
             self._events.append(event)
 
-    def _hand_off(self, initial_data: bytes) -> None:
+    def _hand_off(self, initial_data: bytes, eof: bool = False) -> None:
         if self._classic_context is None:
             # A server without a certificate cannot serve classic clients: a plaintext handshake_failure
             # alert tells the peer, as OpenSSL would.
@@ -125,6 +128,8 @@ class Session:
                 AlertDescription.handshake_failure,
             )
         self._classic = ClassicSession(self._classic_context, initial_data)
+        if eof:
+            self._classic.receive_data(b"")   # the adapter already saw the end of the stream
         self._advance_classic()
 
     def _advance_classic(self) -> None:
@@ -230,14 +235,23 @@ class Session:
     # -- QKD-specific calls (only on our engine) ---------------------------------------------------------
 
     def _guarded(self, name: str, *args: Any) -> None:
+        """Every failure here, the hand-off's included (a refused key can pass the ClientHello to OpenSSL,
+        which may reject it at once), becomes a QKDError after the alert is queued; adapters flush, then
+        raise."""
         try:
             getattr(self.conn, name)(*args)
             self._drain_core()
+        except QKDError as exc:
+            self.failed = exc
+            raise
         except TLSAlert as exc:
             self.failed = self._local_alert(exc)
             raise self.failed from None
         except PeerAlert as exc:
             self.failed = self._peer_alert(exc)
+            raise self.failed from None
+        except ssl.SSLError as exc:
+            self.failed = self._ssl_error(exc)
             raise self.failed from None
 
     @property

@@ -3,21 +3,70 @@
 Failures map to the alert RFC 8446 §6.2 names for them: an expired or not-yet-valid certificate →
 certificate_expired, no path to a trusted CA → unknown_ca, a name mismatch or any other defect →
 bad_certificate, an undecodable certificate → bad_certificate (decode errors of the message itself are
-decode_error earlier).
+decode_error earlier). The alert's text carries the verifier's reason, with extension OIDs named, so the
+error a user sees says what is wrong with which certificate.
+
+The policy is the Web PKI profile ``cryptography`` implements (RFC 5280 plus the CA/Browser Forum rules)
+with one deliberate relaxation, so that private CAs OpenSSL accepts are accepted here too: a CA certificate
+**without keyUsage** is accepted. RFC 5280 path validation (§6.1.4 (n)) checks keyUsage only when it is
+present, OpenSSL does the same, and ``openssl req -x509`` makes CAs without it by default. When a CA
+certificate has keyUsage, it must assert keyCertSign (as in RFC 5280 and OpenSSL): unknown_ca, as OpenSSL
+answers, with an error that names the CA.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    DNSName,
+    ExtensionPolicy,
+    IPAddress,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from .alerts import BadCertificate, CertificateExpired, TLSAlert, UnknownCA
 
 MAX_CHAIN_DEPTH = 8
+# Extension OIDs the verifier's messages name by number.
+_EXTENSION_NAMES = {
+    "2.5.29.14": "subjectKeyIdentifier",
+    "2.5.29.15": "keyUsage",
+    "2.5.29.17": "subjectAltName",
+    "2.5.29.19": "basicConstraints",
+    "2.5.29.30": "nameConstraints",
+    "2.5.29.32": "certificatePolicies",
+    "2.5.29.35": "authorityKeyIdentifier",
+    "2.5.29.37": "extendedKeyUsage",
+}
+_VALIDATOR_PREFIX = re.compile(r"Python extension validator failed: \w+: ")
+
+
+def _ca_key_usage(_policy: Policy, cert: x509.Certificate, key_usage: x509.KeyUsage | None) -> None:
+    """keyUsage of a CA certificate: may be absent (see the module docstring); if present, keyCertSign."""
+    if key_usage is not None and not key_usage.key_cert_sign:
+        raise ValueError(f"CA certificate {_subject(cert)} has a keyUsage without keyCertSign")
+
+
+def _subject(cert: x509.Certificate) -> str:
+    try:
+        return f"'{cert.subject.rfc4514_string()}'"
+    except ValueError:
+        return "(subject unreadable)"
+
+
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage
+)
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee()
 
 
 def load_chain(chain_der: Sequence[bytes]) -> list[x509.Certificate]:
@@ -59,23 +108,45 @@ def _leaf_own_name(leaf: x509.Certificate) -> DNSName | IPAddress:
     raise BadCertificate("certificate names neither a DNS name nor an IP address")
 
 
+def _reason(error: VerificationError) -> str:
+    """The verifier's message without its framing, extension OIDs named."""
+    text = str(error)
+    for prefix in ("validation failed: ", "candidates exhausted: "):
+        text = text.removeprefix(prefix)
+    text = _VALIDATOR_PREFIX.sub("", text)
+    return re.sub(r"\b2\.5\.29\.\d+\b", lambda m: _EXTENSION_NAMES.get(m.group(0), m.group(0)), text)
+
+
 def _map_error(error: VerificationError, leaf: x509.Certificate, now: dt.datetime) -> TLSAlert:
-    text = str(error).lower()
+    reason = _reason(error)
+    text = reason.lower()
     if "expired" in text or "not valid" in text or "validity" in text:
-        return CertificateExpired("certificate is outside its validity period")
+        return CertificateExpired(f"certificate is outside its validity period ({reason})")
     if leaf.not_valid_after_utc < now or leaf.not_valid_before_utc > now:
         return CertificateExpired("certificate is outside its validity period")
-    if "issuer" in text or "candidates exhausted" in text:
-        return UnknownCA("no path to a trusted certificate authority")
+    if text.startswith("ca certificate"):
+        # OpenSSL's answer to a CA it cannot use ("invalid CA certificate") is unknown_ca too.
+        return UnknownCA(f"no usable path to a trusted certificate authority: {reason}")
+    if "extension" in text or "keyusage" in text or "basicconstraints" in text:
+        # A certificate of the chain breaks the profile: the reason says which rule (and, for keyUsage of a
+        # CA, which CA).
+        return BadCertificate(f"certificate rejected: {reason}")
+    if "issuer" in text or "candidates exhausted" in str(error).lower():
+        return UnknownCA(f"no path to a trusted certificate authority ({reason})")
     if "subject" in text or "name" in text or "san" in text:
-        return BadCertificate("certificate does not match the server name")
-    return BadCertificate("certificate rejected")
+        return BadCertificate(f"certificate does not match the server name ({reason})")
+    return BadCertificate(f"certificate rejected: {reason}")
 
 
 def _build_policy(trust: Sequence[x509.Certificate], now: dt.datetime | None) -> PolicyBuilder:
     if not trust:
         raise UnknownCA("no trusted certificate authorities configured")
-    builder = PolicyBuilder().store(Store(list(trust))).max_chain_depth(MAX_CHAIN_DEPTH)
+    builder = (
+        PolicyBuilder()
+        .store(Store(list(trust)))
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+    )
     if now is not None:
         builder = builder.time(now)
     return builder

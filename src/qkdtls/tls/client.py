@@ -17,6 +17,10 @@ QKD offers (docs/design.md "Profiles", "Policy"):
 * ``reference`` (opt-in, insecure): 0xFEA6 before server_name/key_share; on a ServerHello carrying 0xFEA7
   the client answers the challenge with a plaintext 0x50/0x0E00 record at once, sends no CCS and no
   Finished, and switches both directions to the reference record protection after the server Finished.
+  Unlike the fork, the server's certificate chain and name are checked as in classic TLS. Offered together
+  with ``secure``, the 0xFEA6 IV is derived from the key (the server then knows a stripped PSK when it sees
+  one), and a reference answer the client cannot authenticate by certificate is insufficient_security.
+* A key shorter than 128 bits is never offered.
 * A server that ignores the offer gets a standard handshake with full certificate validation, unless the
   policy is ``required`` (insufficient_security).
 """
@@ -167,9 +171,13 @@ class _Offer:
         self.master_sae_id = offer.master_sae_id
         self.key = offer.key
         self.secure = "secure" in profiles
+        # Whether the first ClientHello offered the secure profile (``secure`` may drop after a retry).
+        self.offered_secure = self.secure
         self.reference: qkd_reference.QkdRequest | None = None
         if "reference" in profiles:
-            self.reference = qkd_reference.QkdRequest.create(offer.key_id, offer.master_sae_id)
+            # Offered with the secure profile, the IV tells the server so (qkd_reference.secure_offer_iv).
+            iv = qkd_reference.secure_offer_iv(offer.key) if self.secure else None
+            self.reference = qkd_reference.QkdRequest.create(offer.key_id, offer.master_sae_id, iv)
         self.psk_suite = suite
         self.identity = qkd_secure.psk_identity(offer.master_sae_id, offer.key_id) if self.secure else b""
 
@@ -222,6 +230,11 @@ class TLSClient:
         self._close_sent = False
         self._peer_closed = False   # close_notify or EOF seen; we may still send (half-close, §6.1)
         self._offer: _Offer | None = None
+        if qkd is not None and config.qkd != "off" and not qkd_secure.key_long_enough(qkd.key):
+            # Never offered: under 'preferred' the ClientHello is a classic one (see qkd_offered).
+            if config.qkd == "required":
+                raise InvalidState("a QKD key shorter than 128 bits is never offered")
+            qkd = None
         if qkd is not None and config.qkd != "off":
             profiles = tuple(qkd.profiles or config.qkd_profiles)
             if "reference" in profiles and len(qkd.key) != qkd_reference.KEY_LEN:
@@ -244,6 +257,11 @@ class TLSClient:
     def rekey_negotiated(self) -> bool:
         """The server accepted in-connection QKD rekeying (0xFEA8) in its EncryptedExtensions."""
         return self._rekey_negotiated
+
+    @property
+    def qkd_offered(self) -> bool:
+        """The ClientHello names a QKD key (False under 'off', without an offer, or for a key too short)."""
+        return self._offer is not None
 
     @property
     def announce_negotiated(self) -> bool:
@@ -319,6 +337,8 @@ class TLSClient:
             raise InvalidState("the server did not accept QKD rekeying")
         if self._rekey_pending is not None:
             raise InvalidState("a QKD rekey is already in progress")
+        if not qkd_secure.key_long_enough(offer.key):
+            raise InvalidState("a QKD key shorter than 128 bits is never used")
         message = qkd_secure.QkdRekey(offer.key_id)
         self._guarded(self._start_rekey, message, offer)
 
@@ -636,6 +656,14 @@ class TLSClient:
             psk = self._offer.key
             self._mode, self._profile = "qkd", "secure"
         elif challenge is not None:
+            assert self._offer is not None   # 0xFEA7 is answerable only to our 0xFEA6
+            if self._offer.offered_secure and not self._server_authenticated_by_certificate():
+                # Nothing else authenticates the server's choice: the challenge is not bound to the
+                # transcript, so an attacker who stripped our PSK could relay it over its own key exchange.
+                raise InsufficientSecurity(
+                    "the server chose the reference profile although the secure one was offered, and its "
+                    "certificate cannot be checked here (verification off or no trusted CAs)"
+                )
             self._mode, self._profile = "qkd", "reference"
         elif self.config.qkd == "required":
             raise InsufficientSecurity("server did not accept the QKD key (policy 'required')")
@@ -747,16 +775,18 @@ class TLSClient:
         if not message.entries:
             raise DecodeError("server sent an empty Certificate")
         chain = [entry.cert_data for entry in message.entries]
-        if self._profile == "reference":
-            # The reference profile authenticates the server by the QKD challenge only (reference §2.9).
-            self._peer_leaf = load_chain(chain[:1])[0]
-        elif self.config.verify:
+        # The reference profile too: the fork skips this check (reference §2.9), but without it nothing binds
+        # the server's choice of that profile, or its key exchange, to this connection (docs/tls-qkd.md §5).
+        if self.config.verify:   # without trusted CAs this is unknown_ca, never a silent acceptance
             self._peer_leaf = verify_server_chain(chain, self.config.trust, self.server_name,
                                                   check_hostname=self.config.check_hostname)
         else:
             self._peer_leaf = load_chain(chain[:1])[0]
         self._transcript.update(raw)
         self._transition(ClientState.WAIT_CERTIFICATE_VERIFY)
+
+    def _server_authenticated_by_certificate(self) -> bool:
+        return self.config.verify and bool(self.config.trust)
 
     def _on_certificate_verify(self, message: CertificateVerify, raw: bytes) -> None:
         assert self._peer_leaf is not None

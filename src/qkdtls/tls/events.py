@@ -57,12 +57,18 @@ class NeedQkdKey(Event):
 
 @dataclass(frozen=True)
 class HandOff(Event):
-    """Server: a classic ClientHello; the adapter gives ``initial_data`` and the socket to Python ssl."""
+    """Server: a classic ClientHello; the adapter gives ``initial_data`` and the socket to Python ssl.
+
+    ``eof``: the peer already closed its side after ``initial_data``; OpenSSL must be told at once (it then
+    answers a truncated flight with decode_error, as for any other client) since the adapter may not see
+    the end of the stream again.
+    """
 
     initial_data: bytes
+    eof: bool = False
 
     def __repr__(self) -> str:
-        return f"HandOff(<{len(self.initial_data)} bytes>)"
+        return f"HandOff(<{len(self.initial_data)} bytes>, eof={self.eof})"
 
 
 @dataclass(frozen=True)

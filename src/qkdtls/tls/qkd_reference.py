@@ -27,7 +27,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .alerts import (
     BadRecordMac,
@@ -148,9 +150,31 @@ class QkdRequest:
         return cls(key_uuid=text, origin_sae_id=zigzag_decode(zz), iv=iv)
 
     @classmethod
-    def create(cls, key_uuid: str, origin_sae_id: int) -> QkdRequest:
-        """A request with a fresh random IV, as the fork draws one per connection."""
-        return cls(key_uuid=key_uuid, origin_sae_id=origin_sae_id, iv=os.urandom(IV_LEN))
+    def create(cls, key_uuid: str, origin_sae_id: int, iv: bytes | None = None) -> QkdRequest:
+        """A request with a fresh random IV (as the fork draws one per connection) unless ``iv`` is given."""
+        return cls(key_uuid=key_uuid, origin_sae_id=origin_sae_id, iv=iv or os.urandom(IV_LEN))
+
+
+# Salt of the IV derivation below: its own, so the derived value is unrelated to the TLS 1.3 early secret
+# (HKDF-Extract with a zero salt) that the same key gives in the secure profile.
+_SECURE_OFFER_SALT = b"qkdtls 0xFEA6 IV: the secure profile is offered too"
+
+
+def secure_offer_iv(key: bytes) -> bytes:
+    """The 0xFEA6 IV of a client that offers the secure profile in the same ClientHello.
+
+    The fork's server takes any IV, so the IV can carry one fact without breaking interoperability: an IV
+    equal to this value (a PRF of the QKD key, so only the master and the slave can compute or check it, and
+    a random IV matches with probability 2^-96) tells a server that the client also offered the key as a
+    secure-profile PSK. A server that serves the secure profile and sees this IV in a ClientHello without a
+    usable PSK knows the offer was stripped on the way and refuses the reference profile. An attacker cannot
+    replace the IV either: the server seals its challenge under it and the client opens it under its own.
+
+    The IV is public in both profiles; deriving it from a single-use key repeats no (key, nonce) pair that a
+    random IV would avoid.
+    """
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=IV_LEN, salt=_SECURE_OFFER_SALT, info=b"")
+    return hkdf.derive(key)
 
 
 def _is_canonical_uuid(text: str) -> bool:

@@ -43,11 +43,20 @@ MAX_ANNOUNCED_KEYS = 16
 PSK_IDENTITY_PREFIX = b"qkd1:"
 LABEL_CLIENT_REKEY = b"qkd c ap"
 LABEL_SERVER_REKEY = b"qkd s ap"
+# The shortest QKD key either side uses (handshake or rekey): 128 bits, the floor RFC 9257 §6 sets for an
+# external PSK. A KME may hand out shorter keys (ETSI GS QKD 014 lets the caller choose the size); the client
+# never offers one and the server treats one like a key the KME refused.
+MIN_KEY_BYTES = 16
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
 _MAX_IDENTITY = 5 + 20 + 1 + 36
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def key_long_enough(key: bytes | None) -> bool:
+    """A QKD key TLS may use: at least :data:`MIN_KEY_BYTES` long."""
+    return key is not None and len(key) >= MIN_KEY_BYTES
 
 
 def psk_identity(master_sae_id: int, key_id: str) -> bytes:

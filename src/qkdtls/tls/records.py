@@ -184,7 +184,8 @@ class RecordLayer:
 
     ``allow_ccs`` is True while a TLS 1.3 handshake is in progress: an unprotected ``14 03 03 00 01 01``
     is then dropped, anything else of type 20 is unexpected_message. ``raw_types`` are content types handed
-    to the caller without going through the read protection (the reference profile's 0x50 record).
+    to the caller without going through the read protection (the reference profile's 0x50 record), each
+    with the record version it must carry (decode_error otherwise).
 
     Incoming bytes are either copied in (:meth:`feed`) or lent for the duration of a ``with``
     (:meth:`borrowing`); whatever is not consumed when the loan ends is copied then.
@@ -202,7 +203,7 @@ class RecordLayer:
         self.write: RecordProtection = PlaintextProtection()
         self.allow_ccs = False
         self.allow_plaintext_alerts = True
-        self.raw_types: frozenset[int] = frozenset()
+        self.raw_types: dict[int, int] = {}   # content type -> the one record version it may carry
         # (type, version, body) of every framed record, for tracing
         self.on_record: Callable[[int, int, bytes], None] | None = None
 
@@ -329,6 +330,9 @@ class RecordLayer:
                     continue
                 raise UnexpectedMessage("change_cipher_spec outside the handshake")
             if outer_type in self.raw_types:
+                if version != self.raw_types[outer_type]:
+                    # As rustls (and so the fork) treats a record version it does not accept.
+                    raise DecodeError(f"record of type {outer_type:#x} with version {version:#06x}")
                 return outer_type, body
             if outer_type == ALERT and getattr(read, "protected", True):
                 # A peer that failed before it had our keys alerts in plaintext; report what it said.

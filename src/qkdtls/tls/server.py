@@ -76,11 +76,13 @@ from .messages import (
 from .qkd_reference import (
     CONTENT_TYPE_CHALLENGE,
     KEY_LEN,
+    RECORD_VERSION_QKD,
     Challenge,
     QkdRequest,
     ReferenceProtection,
     open_challenge,
     seal_challenge,
+    secure_offer_iv,
 )
 from .qkd_secure import (
     EXT_QKD_KEY_ANNOUNCE,
@@ -88,6 +90,7 @@ from .qkd_secure import (
     HANDSHAKE_QKD_KEY_ANNOUNCE,
     QkdKeyAnnounce,
     QkdRekey,
+    key_long_enough,
     parse_psk_identity,
     rekeyed_secret,
 )
@@ -324,6 +327,10 @@ class TLSServer:
             and not self._peer_closed
             and self.state not in (State.FAILED, State.CLOSED)
         ):
+            if self.state is not State.CONNECTED:
+                # A handshake the client abandoned (e.g. before its ChallengeAck): fail now, as OpenSSL does
+                # with decode_error, rather than wait for the adapter's handshake deadline.
+                raise DecodeError(f"the client closed the connection while {self.state.value}")
             self._peer_closed_read()
 
     def _on_alert(self, payload: bytes) -> None:
@@ -375,18 +382,20 @@ class TLSServer:
             if len(self._first) > MAX_FIRST_FLIGHT:
                 self._not_ours(DecodeError("first flight too large"))
             elif self._eof:
-                self.state = State.CLOSED
-                self._events.append(ConnectionClosed(None))
+                # OpenSSL answers a first flight cut short by the end of the stream (even an empty one) with
+                # decode_error at once; so do we, or OpenSSL itself after the hand-off.
+                self._not_ours(DecodeError("the client closed before its ClientHello was complete"))
             return
         body, raw, consumed = framed
         try:
             hello = ClientHello.decode(body)
+            server_name = self._server_name(hello)
         except TLSAlert as error:
             self._not_ours(error)
             return
         self._records.feed(bytes(self._first[consumed:]))
         self._client_hello, self._client_hello_raw = hello, raw
-        self.server_name = self._server_name(hello)
+        self.server_name = server_name
         try:
             offered = self.config.qkd != "off" and self._find_offer(hello)
         except TLSAlert as error:
@@ -407,7 +416,7 @@ class TLSServer:
         if self.config.qkd == "required":
             raise reason
         self.state = State.HANDED_OFF
-        self._events.append(HandOff(bytes(self._first)))
+        self._events.append(HandOff(bytes(self._first), eof=self._eof))
 
     @staticmethod
     def _server_name(hello: ClientHello) -> str | None:
@@ -471,12 +480,36 @@ class TLSServer:
 
     def _on_qkd_key(self, key: bytes | None) -> None:
         profile = self._offer.profile
-        if key is None or (profile == "reference" and len(key) != KEY_LEN):
+        if key is None:
             log.info(
                 "QKD key unavailable",
                 extra={"event": "tls.qkd_key_unavailable", "key_ID": self._offer.key_id},
             )
             self._not_ours(InsufficientSecurity("the KME did not deliver the QKD key"))
+            return
+        if not key_long_enough(key) or (profile == "reference" and len(key) != KEY_LEN):
+            # A key the profile cannot use is one the KME did not give: classic or refused, never weak.
+            log.warning(
+                "QKD key of an unusable length",
+                extra={"event": "tls.qkd_key_unusable", "key_ID": self._offer.key_id, "bits": 8 * len(key)},
+            )
+            self._not_ours(InsufficientSecurity("the QKD key is too short for this profile"))
+            return
+        request = self._offer.reference
+        if (
+            profile == "reference"
+            and request is not None
+            and "secure" in self.config.qkd_profiles
+            and constant_time_equal(request.iv, secure_offer_iv(key))
+        ):
+            # The client offered this key as a secure-profile PSK too, and we serve that profile: had the PSK
+            # arrived we would have chosen it. Someone removed or spoiled it; the reference profile is exactly
+            # what such an attacker wants (docs/tls-qkd.md §5), so it is never the answer.
+            log.warning(
+                "reference offer refused: the ClientHello lost its secure-profile offer",
+                extra={"event": "tls.qkd_downgrade_refused", "key_ID": self._offer.key_id},
+            )
+            self._not_ours(InsufficientSecurity("the secure-profile offer was removed from the ClientHello"))
             return
         self._qkd_key = key
         assert self._client_hello is not None
@@ -683,7 +716,7 @@ class TLSServer:
         self._send_plain_handshake(server_hello.to_bytes())
         self._enter_handshake_keys(hello, shared_secret, switch_write=False)
         # The fork's client answers the challenge in a 0x50 record; a compatibility CCS before it is harmless.
-        self._records.raw_types = frozenset({CONTENT_TYPE_CHALLENGE})
+        self._records.raw_types = {CONTENT_TYPE_CHALLENGE: RECORD_VERSION_QKD}   # the fork sends 0x0E00
         self._records.allow_ccs = True
         self.state = State.WAIT_CHALLENGE_ACK
 
@@ -702,7 +735,7 @@ class TLSServer:
         answer = open_challenge(self._qkd_key, request.iv, 1, body)
         if not self._challenge.is_answered_by(answer):
             raise DecryptError("the QKD challenge was not answered")
-        self._records.raw_types = frozenset()
+        self._records.raw_types = {}
         self._handshake.require_empty()
         self._records.write = self._aead(self._server_hs_secret)
         self._send_protected_handshake(EncryptedExtensions(self._common_encrypted_extensions()).to_bytes())
@@ -839,8 +872,8 @@ class TLSServer:
 
     def _on_rekey_key(self, key: bytes | None) -> None:
         assert self._schedule is not None and self._pending_rekey is not None
-        if not key:
-            raise HandshakeFailure("the KME did not deliver the rekey key")
+        if not key_long_enough(key):
+            raise HandshakeFailure("the KME did not deliver a usable rekey key")
         algorithm = self._schedule.algorithm
         self._client_secret = rekeyed_secret(algorithm, self._client_secret, key, client=True)
         self._records.read = self._aead(self._client_secret)
