@@ -91,6 +91,19 @@ async def test_multicast(pair: Pair) -> None:
     error(reply, 400)
 
 
+async def test_keys_carry_their_holders(pair: Pair) -> None:
+    enc = await pair.caller(2001).post(ENC.format(1001), {"number": 2, "additional_slave_SAE_IDs": ["1002"]})
+    holders = {"master_SAE_ID": 2001, "slave_SAE_IDs": [1001, 1002]}
+    assert [k["key_extension"] for k in enc.json["keys"]] == [holders, holders]
+    ids = {"key_IDs": [{"key_ID": k["key_ID"]} for k in enc.json["keys"]]}
+    dec = await pair.caller(1002).post(DEC.format(2001), ids)
+    assert dec.status == 200 and dec.json["keys"] == enc.json["keys"]
+    enc = await pair.caller(1001).get(ENC.format(2001))
+    assert enc.json["keys"][0]["key_extension"] == {"master_SAE_ID": 1001, "slave_SAE_IDs": [2001]}
+    dec = await pair.caller(2001).get(DEC.format(1001), params={"key_ID": enc.json["keys"][0]["key_ID"]})
+    assert dec.json["keys"] == enc.json["keys"]
+
+
 async def test_normative_400_messages(pair: Pair) -> None:
     master = pair.caller(1001)
     assert error(await master.post(ENC.format(2001), {"size": 260}), 400) == MSG_SIZE_MULTIPLE_OF_8

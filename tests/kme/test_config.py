@@ -73,6 +73,7 @@ def test_relative_paths_resolve_against_the_file(bed: Testbed, tmp_path: Path) -
             lambda d: d["saes"][1].update(serial=d["saes"][0]["serial"]),
             "saes[1].serial: same certificate identity as saes[0]",
         ),
+        (lambda d: d["saes"][2].update(multicast="no"), "saes[2].multicast: must be true or false"),
         (lambda d: d["service"].update(key_size=100), "service.key_size: must be a multiple of 8"),
         (lambda d: d["service"].update(key_id_mode="sha1"), "service.key_id_mode: must be"),
         (lambda d: d["store"].update(url="mysql://x"), "store.url: must start with"),
@@ -127,6 +128,8 @@ def test_documented_example_is_complete_and_valid(tmp_path: Path) -> None:
     assert cfg.kme_id == 1 and cfg.peers[0].timeout == 5.0 and cfg.service.max_SAE_ID_count == 8
     assert cfg.store_url == f"sqlite://{tmp_path}/kme.sqlite3"
     assert cfg.saes[1].identity is not None and cfg.saes[1].identity.fingerprint is not None
+    assert [s.multicast for s in cfg.saes] == [False, True, True]
+    assert cfg.sae_entries()[1001].multicast is False
 
 
 def test_qkdtls_command_validates_a_config(bed: Testbed) -> None:

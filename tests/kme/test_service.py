@@ -75,9 +75,9 @@ class Bed:
     def settings(self, kme_id: int, **kw: object) -> ServiceSettings:
         return ServiceSettings(kme_id=kme_id, peer_timeout=0.5, **kw)  # type: ignore[arg-type]
 
-    def open(self, kme_id: int, **kw: object) -> KmeService:
+    def open(self, kme_id: int, saes: dict[int, SaeEntry] = SAES, **kw: object) -> KmeService:
         store = open_store(f"sqlite://{self.tmp / f'kme{kme_id}.sqlite3'}")
-        svc = KmeService(self.settings(kme_id, **kw), store, SAES, self.gateway, [1, 2])
+        svc = KmeService(self.settings(kme_id, **kw), store, saes, self.gateway, [1, 2])
         self.services[kme_id] = self.gateway.services[kme_id] = svc
         return svc
 
@@ -213,6 +213,57 @@ async def test_cross_multicast(bed: Bed) -> None:
     c = await bed.services[2].enc_keys(21, "11", KeyRequest(additional_slave_SAE_IDs=("13",)))
     for slave in (11, 13):
         assert (await bed.services[1].dec_keys(slave, "21", [c.keys[0].key_ID])).keys == c.keys
+
+
+async def test_every_key_names_its_holders(bed: Bed) -> None:
+    await bed.feed(1, 2, 32 * 16)
+    await bed.feed(1, 1, 32 * 16)
+    one, two = bed.services[1], bed.services[2]
+    cross = await one.enc_keys(11, "21", KeyRequest(number=2))
+    local = await one.enc_keys(12, "13", KeyRequest(additional_slave_SAE_IDs=("11",)))
+    multi = await two.enc_keys(21, "12", KeyRequest(additional_slave_SAE_IDs=("13", "12")))
+    for container, holders in [
+        (cross, {"master_SAE_ID": 11, "slave_SAE_IDs": [21]}),
+        (local, {"master_SAE_ID": 12, "slave_SAE_IDs": [13, 11]}),
+        (multi, {"master_SAE_ID": 21, "slave_SAE_IDs": [12, 13]}),
+    ]:
+        assert [k.key_extension for k in container.keys] == [holders] * len(container.keys)
+    ids = [k.key_ID for k in cross.keys]
+    got = await two.dec_keys(21, "11", ids)
+    assert [k.key_extension for k in got.keys] == [{"master_SAE_ID": 11, "slave_SAE_IDs": [21]}] * 2
+    for slave in (11, 13):
+        got = await one.dec_keys(slave, "12", [local.keys[0].key_ID])
+        assert got.keys[0].key_extension == {"master_SAE_ID": 12, "slave_SAE_IDs": [13, 11]}
+    got = await one.dec_keys(13, "21", [multi.keys[0].key_ID])
+    assert got.keys == multi.keys and got.keys[0].key_extension["slave_SAE_IDs"] == [12, 13]
+    assert got.keys[0].to_json()["key_extension"] == {"master_SAE_ID": 21, "slave_SAE_IDs": [12, 13]}
+
+
+async def test_saes_without_multicast_take_no_key_with_several_slaves(bed: Bed) -> None:
+    await bed.feed(1, 2, 32 * 16)
+    await bed.feed(1, 1, 32 * 16)
+    # KME 1 was told that SAE 13 is a TLS endpoint; KME 2 was not told about 13 (it checks its own SAEs).
+    tls = {**SAES, 13: SaeEntry(13, 1, multicast=False)}
+    await bed.services[1].close()
+    one = bed.open(1, saes=tls)
+    two = bed.services[2]
+    for master, slave, extra in [(11, "12", ("13",)), (13, "11", ("12",)), (12, "13", ("11",))]:
+        with pytest.raises(BadRequestError, match="SAE 13 takes no keys with more than one slave"):
+            await one.enc_keys(master, slave, KeyRequest(additional_slave_SAE_IDs=extra))
+    assert (await one.enc_keys(13, "11", KeyRequest())).keys  # one slave: fine
+    # KME 2 does not know better: it asks KME 1, which refuses the reservation; KME 2 answers 503.
+    with pytest.raises(UnavailableError):
+        await two.enc_keys(21, "11", KeyRequest(additional_slave_SAE_IDs=("13",)))
+    assert await two.store.free_blocks(1, 1) == 8  # released, nothing consumed
+    # A multicast key stored before the policy changed is not collected by SAE 13 (401, nothing changes).
+    await one.close()
+    one = bed.open(1)
+    multi = (await one.enc_keys(11, "12", KeyRequest(additional_slave_SAE_IDs=("13",)))).keys[0]
+    await one.close()
+    one = bed.open(1, saes=tls)
+    with pytest.raises(UnauthorizedError, match="multicast"):
+        await one.dec_keys(13, "11", [multi.key_ID])
+    assert (await one.dec_keys(12, "11", [multi.key_ID])).keys[0].key == multi.key
 
 
 @pytest.mark.parametrize("mode", ["down", "slow", "lost-answer"])

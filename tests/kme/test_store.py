@@ -18,6 +18,7 @@ from qkdtls.kme.store import (
     KeysNotFound,
     KeyStore,
     LostHold,
+    MulticastRefused,
     NewKeySpec,
     NotASlave,
     ShortStock,
@@ -151,7 +152,10 @@ async def test_local_multicast_key_erased_after_last_slave(store: KeyStore) -> N
     with pytest.raises(ShortStock):
         await store.take_local(LOCAL, 1, 1, 256, random_key_id, 7, [8], time.time() + 60)
     ids = [k.key_id for k in keys]
-    assert [k.data for k in await store.collect(7, 8, ids)] == [k.data for k in keys]
+    with pytest.raises(MulticastRefused):  # a slave that takes only unicast keys: nothing changes
+        await store.collect(7, 8, ids, unicast_only=True)
+    got = await store.collect(7, 8, ids)
+    assert [k.data for k in got] == [k.data for k in keys] and [k.slaves for k in got] == [(8, 9)] * 2
     with pytest.raises(KeysNotFound):
         await store.collect(7, 8, ids)
     assert [k.data for k in await store.collect(7, 9, ids[::-1])] == [k.data for k in keys[::-1]]

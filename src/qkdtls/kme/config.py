@@ -87,9 +87,11 @@ class SaeConfig:
     sae_id: int
     kme_id: int
     identity: CertIdentity | None  # required for SAEs of this KME, forbidden for others
+    # Key policy of this SAE (see _sae_key_policy); defaults keep plain ETSI 014 behaviour.
+    multicast: bool = True
 
     def entry(self) -> SaeEntry:
-        return SaeEntry(sae_id=self.sae_id, kme_id=self.kme_id)
+        return SaeEntry(sae_id=self.sae_id, kme_id=self.kme_id, multicast=self.multicast)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +341,11 @@ def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
         raise r.error(None, str(exc)) from None
 
 
+def _sae_key_policy(r: _Reader) -> dict[str, Any]:
+    """Key-delivery fields of one ``[[saes]]`` entry (SaeConfig fields after ``identity``)."""
+    return {"multicast": r.boolean("multicast", True)}
+
+
 def _peer(r: _Reader) -> Peer:
     url = r.string("url", required=True).rstrip("/")
     if not url.startswith("https://"):
@@ -436,8 +443,9 @@ def parse_config(
             raise s.error("kme_id", f"KME {sae_kme} is neither this KME nor a configured peer")
         if any(x.sae_id == sae_id for x in saes):
             raise root.error(f"saes[{i}].id", f"duplicate SAE {sae_id}")
+        policy = _sae_key_policy(s)
         s.finish()
-        saes.append(SaeConfig(sae_id=sae_id, kme_id=sae_kme, identity=identity))
+        saes.append(SaeConfig(sae_id=sae_id, kme_id=sae_kme, identity=identity, **policy))
 
     admins: list[AdminConfig] = []
     for a in root.tables("admins"):

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from qkdtls.etsi014.models import (
     MSG_EXT_MANDATORY_UNSUPPORTED,
@@ -50,6 +50,7 @@ from qkdtls.kme.store import (
     KeysNotFound,
     KeyStore,
     LostHold,
+    MulticastRefused,
     NewKeySpec,
     NotASlave,
     ShortStock,
@@ -92,6 +93,14 @@ class ServiceSettings:
 class SaeEntry:
     sae_id: int
     kme_id: int
+    # False: this SAE takes part in no key with more than one slave, as master or as slave. A TLS-QKD
+    # endpoint trusts a key because only the master and itself hold it; a co-slave could impersonate either.
+    multicast: bool = True
+
+
+def key_holders(master: int, slaves: Sequence[int]) -> dict[str, Any]:
+    """The ``key_extension`` of every delivered key: who holds it (docs/design.md, key holders)."""
+    return {"master_SAE_ID": master, "slave_SAE_IDs": list(slaves)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +222,15 @@ class KmeService:
                 slaves.append(entry.sae_id)
         return tuple(slaves)
 
+    def _check_multicast(self, master: int, slaves: Sequence[int]) -> None:
+        """Refuse a key with several slaves when one of its holders is configured ``multicast = false``."""
+        if len(slaves) < 2:
+            return
+        for sae in (master, *slaves):
+            entry = self.saes.get(sae)
+            if entry is not None and not entry.multicast:
+                raise BadRequestError(f"SAE {sae} takes no keys with more than one slave (multicast)")
+
     async def enc_keys(self, caller_sae: int, slave_sae: str, request: KeyRequest) -> KeyContainer:
         s = self.settings
         self._caller(caller_sae)
@@ -230,6 +248,7 @@ class KmeService:
             # A key an SAE shares with itself proves nothing to anyone, and it would let a TLS-QKD offer be
             # reflected back to its sender: the slave's collection is what binds the direction.
             raise BadRequestError("the master SAE cannot also be a slave of its keys")
+        self._check_multicast(caller_sae, slaves)
         link = self._link_to(slave.kme_id)
         bpk = self._blocks_per_key(size)
         expires_at = time.time() + s.reservation_ttl
@@ -245,7 +264,8 @@ class KmeService:
                     "local keys failed", extra={"event": "key.failed", "link": link, "error": str(exc)}
                 )
                 raise UnavailableError("key store unavailable") from None
-            keys = [Key(key_ID=k.key_id, key=k.data) for k in stored]
+            holders = key_holders(caller_sae, slaves)
+            keys = [Key(key_ID=k.key_id, key=k.data, key_extension=holders) for k in stored]
         else:
             keys = await self._enc_cross(caller_sae, slaves, link, number, size, bpk)
         if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
@@ -302,7 +322,7 @@ class KmeService:
     ) -> list[Key]:
         assert self.peers is not None
         seqs = [b.seq for b in held]
-        keys = self._build_keys(held, number, bpk, size)
+        keys = self._build_keys(held, number, bpk, size, key_holders(master, slaves))
         reservation = Reservation(
             master_KME_ID=self.settings.kme_id,
             direction=direction,
@@ -336,17 +356,19 @@ class KmeService:
             raise UnavailableError("key reservation timed out locally; retry") from None
         return keys
 
-    def _build_keys(self, held: Sequence[Block], number: int, bpk: int, size: int) -> list[Key]:
+    def _build_keys(
+        self, held: Sequence[Block], number: int, bpk: int, size: int, holders: dict[str, Any]
+    ) -> list[Key]:
         nbytes = size // 8
         keys = []
         for i in range(number):
             material = b"".join(b.data for b in held[i * bpk : (i + 1) * bpk])[:nbytes]
-            keys.append(Key(key_ID=self._make_id(material), key=material))
+            keys.append(Key(key_ID=self._make_id(material), key=material, key_extension=holders))
         return keys
 
     async def dec_keys(self, caller_sae: int, master_sae: str, key_ids: Sequence[str]) -> KeyContainer:
         s = self.settings
-        self._caller(caller_sae)
+        me = self._caller(caller_sae)
         master = self._known_sae(master_sae, "master SAE ID")
         if not key_ids:
             raise BadRequestError("key_IDs must name at least one key")
@@ -357,9 +379,13 @@ class KmeService:
         except BadRequest as exc:
             raise BadRequestError(exc.message) from None
         try:
-            stored = await self.store.collect(master.sae_id, caller_sae, ids)
+            stored = await self.store.collect(master.sae_id, caller_sae, ids, unicast_only=not me.multicast)
         except NotASlave:
             raise UnauthorizedError(f"SAE {caller_sae} is not a slave of these keys") from None
+        except MulticastRefused:
+            raise UnauthorizedError(
+                f"SAE {caller_sae} takes no keys with more than one slave (multicast)"
+            ) from None
         except KeysNotFound:
             raise BadRequestError(MSG_KEYS_NOT_FOUND) from None
         except StoreError:
@@ -374,7 +400,12 @@ class KmeService:
                     "key_IDs": ids,
                 },
             )
-        return KeyContainer(keys=tuple(Key(key_ID=k.key_id, key=k.data) for k in stored))
+        return KeyContainer(
+            keys=tuple(
+                Key(key_ID=k.key_id, key=k.data, key_extension=key_holders(master.sae_id, k.slaves))
+                for k in stored
+            )
+        )
 
     def sae_info(self, caller_sae: int) -> SaeInfo:
         entry = self._caller(caller_sae)
@@ -400,6 +431,7 @@ class KmeService:
             entry = self.saes.get(sae)
             if entry is None or entry.kme_id != s.kme_id:
                 raise BadRequestError(f"slave SAE {sae} does not belong to this KME")
+        self._check_multicast(r.master_SAE_ID, r.slave_SAE_IDs)
         self._check_size(r.size)
         if len(r.keys) > s.max_key_per_request:
             raise BadRequestError(f"at most {s.max_key_per_request} keys per reservation")

@@ -41,6 +41,10 @@ class NotASlave(StoreError):
     """The key exists for that master but the caller is not one of its slaves."""
 
 
+class MulticastRefused(StoreError):
+    """A key with several slaves was asked for by a slave that takes only keys of one master and one slave."""
+
+
 class ImportRejected(StoreError):
     """A key file cannot be appended to the link's stream (name reused with other content, out of order,
     or another block size); the file is left in place."""
@@ -59,6 +63,8 @@ class Block:
 class StoredKey:
     key_id: str
     data: bytes
+    # The key's slave SAEs in request order (filled by ``collect``; the caller knows them elsewhere).
+    slaves: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         return f"StoredKey(key_id={self.key_id!r})"
@@ -141,8 +147,11 @@ class KeyStore(abc.ABC):
         """Local pair: consume blocks, record the keys for the slaves and return them for the master."""
 
     @abc.abstractmethod
-    async def collect(self, master_sae: int, slave_sae: int, key_ids: Sequence[str]) -> list[StoredKey]:
-        """All-or-nothing delivery to a slave: NotASlave / KeysNotFound and nothing changes."""
+    async def collect(
+        self, master_sae: int, slave_sae: int, key_ids: Sequence[str], *, unicast_only: bool = False
+    ) -> list[StoredKey]:
+        """All-or-nothing delivery to a slave: NotASlave / KeysNotFound and nothing changes. With
+        ``unicast_only`` a key with more than one slave is refused (MulticastRefused), nothing changes."""
 
     @abc.abstractmethod
     async def expire(self, now: float, limit: int = 10_000) -> list[tuple[int, str]]:

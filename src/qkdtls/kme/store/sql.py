@@ -28,6 +28,7 @@ from qkdtls.kme.store.base import (
     KeyStore,
     LinkStats,
     LostHold,
+    MulticastRefused,
     NewKeySpec,
     NotASlave,
     ShortStock,
@@ -540,10 +541,12 @@ class SqlKeyStore(KeyStore):
 
         return await self._do(op)
 
-    async def collect(self, master_sae: int, slave_sae: int, key_ids: Sequence[str]) -> list[StoredKey]:
+    async def collect(
+        self, master_sae: int, slave_sae: int, key_ids: Sequence[str], *, unicast_only: bool = False
+    ) -> list[StoredKey]:
         def op(tx: Tx) -> list[StoredKey]:
             found: dict[str, StoredKey] = {}
-            missing = not_slave = 0
+            missing = not_slave = multicast = 0
             for key_id in dict.fromkeys(key_ids):
                 tx.cur.execute(
                     f"SELECT link, master_sae, slaves, pending, data FROM keys WHERE key_id = ?{tx.lock}",
@@ -554,8 +557,12 @@ class SqlKeyStore(KeyStore):
                     missing += 1
                     continue
                 link, _, slaves, pending, data = row
-                if slave_sae not in _ids(slaves):
+                holders = _ids(slaves)
+                if slave_sae not in holders:
                     not_slave += 1
+                    continue
+                if unicast_only and len(holders) > 1:
+                    multicast += 1
                     continue
                 left = _ids(pending)
                 if slave_sae not in left:
@@ -567,9 +574,11 @@ class SqlKeyStore(KeyStore):
                 else:
                     tx.cur.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
                     tx.add(link, "keys", -1)
-                found[key_id] = StoredKey(key_id, bytes(data))
+                found[key_id] = StoredKey(key_id, bytes(data), tuple(holders))
             if not_slave:
                 raise NotASlave(f"{not_slave} keys are not addressed to SAE {slave_sae}")
+            if multicast:
+                raise MulticastRefused(f"{multicast} keys have several slaves")
             if missing:
                 raise KeysNotFound(f"{missing} keys not found")
             return [found[k] for k in key_ids]
