@@ -1,13 +1,16 @@
 """Two real KMEs on loopback (the testbed) and the SAEs that talk through them.
 
-SAE 1001 (site A, KME 1) is the TLS client; SAE 2001 (site B, KME 2) runs the TLS server. Their KME clients
-are shared by all tests (kept-alive connections, as an application would keep them); a test that stops a
-KME builds its own testbed.
+SAE 1001 (site A, KME 1) is the TLS client; SAE 2001 (site B, KME 2) runs the TLS server. SAEs 1002 (site A)
+and 2002 (site B) are the other SAEs of each site: strangers to the server's access control, or co-slaves of
+a multicast key. Their KME clients are shared by all tests (kept-alive connections, as an application would
+keep them); a test that stops a KME builds its own testbed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +19,17 @@ from typing import Any
 import pytest
 
 from qkdtls.etsi014.client import KmeClient, KmeClientSettings
+from qkdtls.net.aio import close_writer, start_server
 from qkdtls.net.context import QKDContext
 from qkdtls.testbed import Testbed
+from qkdtls.tls.config import QkdOffer
+from qkdtls.tls.events import ConnectionInfo
 
 CLIENT_SAE = 1001
 SERVER_SAE = 2001
+SITE_A_OTHER_SAE = 1002
+SITE_B_OTHER_SAE = 2002
+TESTBED_SAES = {1: (CLIENT_SAE, SITE_A_OTHER_SAE), 2: (SERVER_SAE, SITE_B_OTHER_SAE)}
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
 
@@ -45,7 +54,8 @@ def site_for(tb: Testbed, sae_id: int) -> Site:
 
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    with Testbed.create(tmp_path_factory.mktemp("testbed"), initial_key_bytes=1 << 18) as tb:
+    root = tmp_path_factory.mktemp("testbed")
+    with Testbed.create(root, saes=TESTBED_SAES, initial_key_bytes=1 << 18) as tb:
         yield tb
 
 
@@ -91,3 +101,80 @@ def echo_once(context: QKDContext) -> Callable[[socket.socket], object]:
             return tls.info
 
     return handle
+
+
+@pytest.fixture(scope="session")
+def kme_1002(testbed: Testbed) -> Iterator[KmeClient]:
+    with KmeClient(site_for(testbed, SITE_A_OTHER_SAE).kme) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def kme_2002(testbed: Testbed) -> Iterator[KmeClient]:
+    with KmeClient(site_for(testbed, SITE_B_OTHER_SAE).kme) as client:
+        yield client
+
+
+class FixedOfferContext(QKDContext):
+    """A client that names a key of its own choosing in its ClientHello, as any SAE with its own TLS stack
+    can: the peer under test must not rely on the client's good behaviour."""
+
+    def __init__(self, offer: QkdOffer | None, **kwargs: Any) -> None:
+        super().__init__("client", **kwargs)
+        self.fixed_offer = offer
+
+    def client_offer(
+        self, host: str | None, port: int | None, target_sae_id: int | None = None
+    ) -> QkdOffer | None:
+        return self.fixed_offer
+
+
+class AioServer:
+    """``qkdtls.net.aio.start_server`` on an event loop of its own thread (what ``qkdtls s_server`` runs):
+    handshakes run concurrently. Echoes one read with a prefix and closes; ``infos`` lists the connections."""
+
+    def __init__(self, context: QKDContext, host: str = HOST) -> None:
+        self.context = context
+        self.host = host
+        self.port = 0
+        self.infos: list[ConnectionInfo] = []
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.infos.append(writer.get_extra_info("qkd"))
+            try:
+                data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+                writer.write(b"echo:" + data)
+                await writer.drain()
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                await close_writer(writer)
+
+        server = await start_server(handle, self.host, 0, context=self.context)
+        self.port = server.sockets[0].getsockname()[1]
+        self._started.set()
+        async with server:
+            await self._stop.wait()
+
+    def __enter__(self) -> AioServer:
+        self._thread.start()
+        assert self._started.wait(TIMEOUT), "server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop = self._stop
+        if stop is not None:
+            self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join(TIMEOUT)
+        self._loop.close()

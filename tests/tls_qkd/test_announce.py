@@ -141,6 +141,7 @@ def test_server_without_the_option_collects_as_before(
     client = announcing_client
     with OneShotServer(echo_once(server), connections=2) as srv:
         _warm(client)
+        server.keys.own_sae_id()  # asked once per context (GET sae/info/me), not per handshake
         before = server_kme.requests_sent
         infos = [_connect(client, srv.port) for _ in range(2)]
         srv.join()
