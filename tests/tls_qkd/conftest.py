@@ -166,6 +166,12 @@ class AioServer:
         self._started.set()
         async with server:
             await self._stop.wait()
+        # Connections still open (a peer that never finished its handshake, say) end with the server.
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> AioServer:
         self._thread.start()
