@@ -9,7 +9,10 @@ keep them); a test that stops a KME builds its own testbed.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,9 @@ SITE_B_OTHER_SAE = 2002
 TESTBED_SAES = {1: (CLIENT_SAE, SITE_A_OTHER_SAE), 2: (SERVER_SAE, SITE_B_OTHER_SAE)}
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
+_DEC_KEYS_RESPONSES = re.compile(
+    r'qkdtls_kme_responses_total\{route="[^"]*dec_keys",status="\d+"\} ([0-9.e+]+)'
+)
 
 
 @dataclass(frozen=True)
@@ -184,3 +190,23 @@ class AioServer:
             self._loop.call_soon_threadsafe(stop.set)
         self._thread.join(TIMEOUT)
         self._loop.close()
+
+
+def kme_dec_keys_answered(testbed: Testbed, kme_id: int) -> int:
+    """How many dec_keys requests the KME has answered (any status), from its /metrics page."""
+    cert, key, ca = testbed.admin_credentials(kme_id)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(cert, key)
+    port = testbed.kmes[kme_id].sae_port
+    conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    total = 0.0
+    for line in text.splitlines():
+        match = _DEC_KEYS_RESPONSES.match(line)
+        if match:
+            total += float(match.group(1))
+    return int(total)
