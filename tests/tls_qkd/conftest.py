@@ -14,7 +14,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,13 +135,19 @@ class FixedOfferContext(QKDContext):
         return self.fixed_offer
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[object]]
+
+
 class AioServer:
     """``qkdtls.net.aio.start_server`` on an event loop of its own thread (what ``qkdtls s_server`` runs):
-    handshakes run concurrently. Echoes one read with a prefix and closes; ``infos`` lists the connections."""
+    handshakes run concurrently. Echoes one read with a prefix and closes (or runs ``handler``, whose
+    results or exceptions land in ``results``); ``infos`` lists the connections."""
 
-    def __init__(self, context: QKDContext, host: str = HOST) -> None:
+    def __init__(self, context: QKDContext, host: str = HOST, handler: Handler | None = None) -> None:
         self.context = context
         self.host = host
+        self.handler = handler
+        self.results: list[object] = []
         self.port = 0
         self.infos: list[ConnectionInfo] = []
         self._loop = asyncio.new_event_loop()
@@ -158,6 +164,12 @@ class AioServer:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.infos.append(writer.get_extra_info("qkd"))
+            if self.handler is not None:
+                try:
+                    self.results.append(await self.handler(reader, writer))
+                except Exception as exc:  # reported to the test
+                    self.results.append(exc)
+                return
             try:
                 data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
                 writer.write(b"echo:" + data)
