@@ -349,8 +349,9 @@ class _TLSProtocol(asyncio.Protocol):
                         return
                     continue
                 self._kme_call(
-                    admission.obtain,
+                    self.context.keys.obtain,
                     lambda key, admission=admission: provide_admitted_key(session, admission, key),
+                    admission,
                 )
             elif isinstance(event, KeysAnnounced):
                 self.context.keys.collect_announced(event.master_sae_id, event.key_ids)

@@ -544,6 +544,11 @@ class KeySource:
             return None
         return OfferAdmission(self, master_sae_id, key_id, source)
 
+    def obtain(self, admission: OfferAdmission) -> bytes | None:
+        """Server, blocking: the key of an admitted offer (see :meth:`OfferAdmission.obtain`). The adapters
+        call this, the one place where a handshake waits for the server's KME."""
+        return admission.obtain()
+
     def _replayed(self, master_sae_id: int, key_id: str, source: str) -> NoReturn:
         _limited(
             logging.WARNING, "QKD offer refused: the key was already used here (a replayed ClientHello)",

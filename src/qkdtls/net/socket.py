@@ -102,7 +102,7 @@ def provide_admitted_key(session: Session, admission: OfferAdmission | None, key
 def serve_qkd_key(event: NeedQkdKey, session: Session, context: QKDContext, source: str) -> None:
     """Server: the key a ClientHello names, within the context's access control and bounds (blocking)."""
     admission = context.keys.admit(event.master_sae_id, event.key_id, source)
-    key = admission.obtain() if admission is not None else None
+    key = context.keys.obtain(admission) if admission is not None else None
     provide_admitted_key(session, admission, key)
 
 
