@@ -10,6 +10,7 @@ import json
 import re
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,6 +38,7 @@ class ForeignKme:
         context.verify_mode = ssl.CERT_REQUIRED
         self.keys: dict[str, StoredKey] = {}
         self.dec_keys_requests = 0
+        self.delay = 0.0  # seconds before each dec_keys answer (a slow KME)
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +67,7 @@ class ForeignKme:
                     self._answer(404, {"message": "not found"})
                     return
                 double.dec_keys_requests += 1
+                time.sleep(double.delay)
                 master = int(match.group(1))
                 answer = []
                 for item in doc.get("key_IDs", []):

@@ -272,3 +272,29 @@ def test_a_replayed_client_hello_is_refused_even_if_the_kme_serves_the_key_again
     # Before: a fresh ServerHello (reference: with a challenge sealed under the same key and IV).
     assert answer == ALERT_ILLEGAL_PARAMETER
     assert kme_double.dec_keys_requests == 1  # the replay did not even reach the KME
+
+
+def test_a_key_whose_handshake_ended_during_the_lookup_goes_back(testbed: Testbed, site_b: Site) -> None:
+    """The handshake deadline passes while the server's KME answers: the connection ends, the key was
+    collected but never reached the engine, so it stays for the client that holds it (neither held forever
+    by the dead handshake nor lost)."""
+    key_id, material = str(uuid.uuid4()), os.urandom(32)
+    holders = {"master_SAE_ID": CLIENT_SAE, "slave_SAE_IDs": [SERVER_SAE]}
+    offer = QkdOffer(key_id, material, CLIENT_SAE)
+    with ForeignKme(testbed, kme_id=2, sae_id=SERVER_SAE) as kme_double:
+        kme_double.keys[key_id] = StoredKey(material, CLIENT_SAE, holders)
+        server_kme = KmeClient(dataclasses.replace(site_b.kme, url=kme_double.url))
+        server = server_context(site_b, server_kme, qkd="required", handshake_timeout=1.0)
+        server.keys.own_sae_id()
+        kme_double.delay = 2.0  # longer than the handshake deadline
+        with AioServer(server) as srv:
+            hello = TLSClient(ClientConfig(verify=False, qkd="required"), "localhost", offer)
+            hello.initiate()
+            with socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as slow:
+                slow.sendall(hello.data_to_send())
+                _wait_for(lambda: len(server.keys.collected) == 1, "the key to come back")
+            kme_double.delay = 0.0
+            info = _connect(FixedOfferContext(offer, cafile=site_b.app_ca), srv.port)
+        server_kme.close()
+    assert info.mode == "qkd" and info.key_id == key_id
+    assert kme_double.dec_keys_requests == 1  # from the cache

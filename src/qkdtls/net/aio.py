@@ -27,6 +27,7 @@ from qkdtls.net.errors import (
     QKDKeyReplayed,
     QKDKeyUnavailable,
 )
+from qkdtls.net.qkd_keys import OfferAdmission
 from qkdtls.net.session import Session, encode_plaintext_alert
 from qkdtls.net.socket import CLOSE_LINGER, provide_admitted_key
 from qkdtls.tls.alerts import AlertDescription, InvalidState
@@ -180,6 +181,7 @@ class _TLSProtocol(asyncio.Protocol):
         self._prepared = prepared_offer
         self._lingering = False  # our close_notify is out; waiting (bounded) for the peer's end
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._admission: OfferAdmission | None = None  # server: the offer whose key the KME is asked for
 
     # -- TCP side ------------------------------------------------------------------------------------------
 
@@ -270,6 +272,9 @@ class _TLSProtocol(asyncio.Protocol):
             self._linger_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self._admission is not None:
+            self._admission.abandon()
+            self._admission = None
         if not self._done:
             self._fail(exc or QKDHandshakeError("connection closed during the TLS handshake"))
             return
@@ -348,11 +353,8 @@ class _TLSProtocol(asyncio.Protocol):
                         self._fail(exc)
                         return
                     continue
-                self._kme_call(
-                    self.context.keys.obtain,
-                    lambda key, admission=admission: provide_admitted_key(session, admission, key),
-                    admission,
-                )
+                self._admission = admission  # given back if the connection ends while the KME answers
+                self._kme_call(self.context.keys.obtain, self._provide_key, admission)
             elif isinstance(event, KeysAnnounced):
                 self.context.keys.collect_announced(event.master_sae_id, event.key_ids)
             elif isinstance(event, NeedRekeyKey):
@@ -403,6 +405,11 @@ class _TLSProtocol(asyncio.Protocol):
             self._drain_backlog()
 
         self._spawn(run())
+
+    def _provide_key(self, key: bytes | None) -> None:
+        admission, self._admission = self._admission, None
+        assert self.session is not None
+        provide_admitted_key(self.session, admission, key)
 
     def _refuse_replay(self, exc: QKDKeyReplayed) -> None:
         """A replayed ClientHello: a clear-text illegal_parameter alert (no keys were agreed), then close."""

@@ -662,11 +662,12 @@ class OfferAdmission:
     """Server: one admitted offer, from claim to outcome. Used by the adapters as::
 
         admission = keys.admit(master, key_id, peer)            # None: refuse the offer
-        key = admission.obtain()  (or admission.take_cached())   # None: refuse the offer
+        key = keys.obtain(admission)  (or admission.take_cached())   # None: refuse the offer
         session.provide_qkd_key(key) ... admission.settle(binder_ok)
 
     ``settle`` must follow every key obtained: a verified binder (or a reference handshake started) makes
-    the key used for good; a failed binder puts it back for the client that holds the right key.
+    the key used for good; a failed binder puts it back for the client that holds the right key. A
+    connection that ends before the key reached the engine calls ``abandon`` (the key goes back unused).
     """
 
     def __init__(self, keys: KeySource, master_sae_id: int, key_id: str, source: str) -> None:
@@ -676,6 +677,8 @@ class OfferAdmission:
         self.source = source
         self._key: bytes | None = None
         self._claimed = False
+        self._abandoned = False
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OfferAdmission(key_ID={self.key_id!r}, have_key={self._key is not None})"
@@ -689,7 +692,8 @@ class OfferAdmission:
         if key is None:
             gate.release(self.key_id, used=False)
             return None
-        self._claimed, self._key = True, key
+        with self._lock:
+            self._claimed, self._key = True, key
         return key
 
     def obtain(self) -> bytes | None:
@@ -703,32 +707,53 @@ class OfferAdmission:
         timeout = keys.kme.settings.timeout
         if not keys.gate.claim(self.key_id, wait=timeout):
             keys._replayed(self.master_sae_id, self.key_id, self.source)
-        self._claimed = True
-        key = keys.collected.take(self.master_sae_id, self.key_id, wait=timeout)
+        key: bytes | None = None
+        try:
+            key = keys.collected.take(self.master_sae_id, self.key_id, wait=timeout)
+            if key is None:
+                key = keys._lookup(self.master_sae_id, self.key_id, self.source)
+        finally:
+            if key is None:
+                keys.gate.release(self.key_id, used=False)
         if key is None:
-            key = keys._lookup(self.master_sae_id, self.key_id, self.source)
-        if key is None:
-            self._claimed = False
-            keys.gate.release(self.key_id, used=False)
-        self._key = key
+            return None
+        with self._lock:
+            self._claimed, self._key = True, key
+            abandoned = self._abandoned
+        if abandoned:  # the connection ended while the KME answered
+            self._finish(used=False, charge=False)
+            return None
         return key
 
     def settle(self, binder_ok: bool) -> None:
         """The engine's verdict on the key handed to it: used (``binder_ok``) or wrong binder."""
-        if not self._claimed:
-            return
-        self._claimed = False
-        key, self._key = self._key, None
+        self._finish(used=binder_ok, charge=not binder_ok)
+
+    def abandon(self) -> None:
+        """The connection ended before the key reached the engine: the key goes back unused (now, or when
+        a lookup still running ends)."""
+        with self._lock:
+            self._abandoned = True
+        self._finish(used=False, charge=False)
+
+    def _finish(self, *, used: bool, charge: bool) -> None:
+        with self._lock:
+            if not self._claimed:
+                return
+            self._claimed = False
+            key, self._key = self._key, None
         keys = self._keys
-        if not binder_ok and key is not None:
-            keys.gate.failed(self.source)
+        if not used and key is not None:
+            if charge:
+                keys.gate.failed(self.source)
             kept = keys.collected.put_back(self.master_sae_id, self.key_id, key)
-            _limited(
-                logging.WARNING, "QKD offer with a wrong PSK binder: the key is kept for its owner",
-                {"event": "tls.binder_failed", "key_ID": self.key_id, "master_SAE_ID": self.master_sae_id,
-                 "peer": self.source, "kept": kept},
-            )
-        if not keys.gate.release(self.key_id, used=binder_ok):
+            if charge:
+                _limited(
+                    logging.WARNING, "QKD offer with a wrong PSK binder: the key is kept for its owner",
+                    {"event": "tls.binder_failed", "key_ID": self.key_id,
+                     "master_SAE_ID": self.master_sae_id, "peer": self.source, "kept": kept},
+                )
+        if not keys.gate.release(self.key_id, used=used):
             _limited(
                 logging.WARNING, "used-key memory full: older key IDs forgotten early",
                 {"event": "tls.used_keys_full"},
