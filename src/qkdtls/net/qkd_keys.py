@@ -566,8 +566,17 @@ class KeySource:
             _limited(logging.WARNING, "QKD key not collected",
                      {"event": "tls.key_not_collected", "key_ID": key_id, "reason": str(exc)})
             return None
-        if master_sae_id == own:
-            return None  # the gate could not know the own ID before the first lookup
+        # Checked again: the gate could not know the own ID before the first lookup, and a KME answer to
+        # another handshake (a master it does not know, this very key refused) may have come in meanwhile.
+        reason = "master SAE ID is this server's own" if master_sae_id == own else None
+        reason = reason or self.gate.refusal(master_sae_id, key_id)
+        if reason is not None:
+            _limited(
+                logging.INFO, "QKD offer refused before any KME request",
+                {"event": "tls.offer_refused", "reason": reason, "master_SAE_ID": master_sae_id,
+                 "key_ID": key_id, "peer": source},
+            )
+            return None
         if bounded:
             busy = self.gate.start_lookup(source)
             if busy is not None:
