@@ -97,6 +97,18 @@ def server_context(site_b: Site, kme: KmeClient | KmeClientSettings | None, **kw
     return QKDContext("server", kme=kme, certfile=site_b.app_cert, keyfile=site_b.app_key, **kwargs)
 
 
+def ping_echo(context: QKDContext, port: int, source: str | None = None) -> ConnectionInfo:
+    """A client connection to an echo server (from address ``source``): ping, check the echo, close."""
+    raw = socket.create_connection(
+        (HOST, port), timeout=TIMEOUT, source_address=(source, 0) if source else None
+    )
+    with context.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
+        tls.sendall(b"ping")
+        assert tls.recv(100) == b"echo:ping"
+        assert tls.info is not None
+        return tls.info
+
+
 def echo_once(context: QKDContext) -> Callable[[socket.socket], object]:
     """A server handler: TLS-QKD handshake, echo one message with a prefix, close; returns the info."""
 

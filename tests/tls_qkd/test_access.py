@@ -25,16 +25,15 @@ from tests.tls_qkd.conftest import (
     Site,
     client_context,
     echo_once,
+    ping_echo,
     server_context,
 )
 
 from qkdtls.etsi014.client import KmeClient
-from qkdtls.net.context import QKDContext
 from qkdtls.net.errors import QKDConfigurationError, QKDError, QKDHandshakeError, QKDPolicyError
 from qkdtls.testbed import Testbed
 from qkdtls.tls.alerts import AlertDescription
 from qkdtls.tls.config import QkdOffer
-from qkdtls.tls.events import ConnectionInfo
 
 
 def _offer_of(kme: KmeClient, master: int) -> QkdOffer:
@@ -42,14 +41,6 @@ def _offer_of(kme: KmeClient, master: int) -> QkdOffer:
     key = kme.get_key(SERVER_SAE)
     return QkdOffer(key_id=key.key_ID, key=key.key, master_sae_id=master)
 
-
-def _connect(context: QKDContext, port: int) -> ConnectionInfo:
-    raw = socket.create_connection((HOST, port), timeout=TIMEOUT)
-    with context.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
-        tls.sendall(b"ping")
-        assert tls.recv(100) == b"echo:ping"
-        assert tls.info is not None
-        return tls.info
 
 
 @pytest.mark.parametrize(
@@ -76,7 +67,7 @@ def test_required_server_refuses_saes_not_allowed_before_asking_its_kme(
         raw.close()
         assert server_kme.requests_sent == before, "the server asked its KME about a stranger's key"
         # The allowed SAE is served as before.
-        assert _connect(client_context(site_b, kme_a, qkd="required"), srv.port).mode == "qkd"
+        assert ping_echo(client_context(site_b, kme_a, qkd="required"), srv.port).mode == "qkd"
         srv.join()
     server_kme.close()
     assert failure.value.sent_by_peer and failure.value.alert == AlertDescription.insufficient_security
@@ -104,12 +95,12 @@ def test_preferred_server_hands_strangers_to_the_classic_path_and_its_certificat
         _offer_of(kme_2002, SITE_B_OTHER_SAE), cafile=site_b.app_ca, certfile=cert, keyfile=key
     )
     with OneShotServer(echo_once(server), connections=3) as srv:
-        assert _connect(client_context(site_b, kme_a, qkd="required"), srv.port).mode == "qkd"
+        assert ping_echo(client_context(site_b, kme_a, qkd="required"), srv.port).mode == "qkd"
         raw = socket.create_connection((HOST, srv.port), timeout=TIMEOUT)
         with pytest.raises(QKDError):  # no certificate: refused (TLS 1.3: after the client's Finished)
             stranger.wrap_socket(raw, server_hostname="localhost").recv(100)
         raw.close()
-        info = _connect(stranger_with_cert, srv.port)
+        info = ping_echo(stranger_with_cert, srv.port)
         srv.join()
     assert info.mode == "classic"  # the certificate got it in, classically
     assert [type(e) for e in srv.errors] == [QKDHandshakeError]
@@ -123,7 +114,7 @@ def test_client_certificates_without_an_allow_list_mean_no_qkd_client(
     cert, key, _ = testbed.sae_credentials(SITE_B_OTHER_SAE)  # a client certificate the server trusts
     client = client_context(site_b, kme_a, qkd="preferred", certfile=cert, keyfile=key)
     with OneShotServer(echo_once(server)) as srv:
-        assert _connect(client, srv.port).mode == "classic"
+        assert ping_echo(client, srv.port).mode == "classic"
         srv.join()
     assert not srv.errors, srv.errors
     # Under required nobody could connect at all: a configuration error, said before serving.

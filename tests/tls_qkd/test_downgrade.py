@@ -28,24 +28,14 @@ from tests.tls_qkd.conftest import (
     Site,
     client_context,
     echo_once,
+    ping_echo,
     server_context,
 )
 
 from qkdtls.etsi014.client import KmeClient
-from qkdtls.net.context import QKDContext
 from qkdtls.net.errors import QKDHandshakeError, QKDPolicyError
 from qkdtls.testbed import free_port
 from qkdtls.tls.alerts import AlertDescription
-from qkdtls.tls.events import ConnectionInfo
-
-
-def _connect(context: QKDContext, port: int) -> ConnectionInfo:
-    raw = socket.create_connection((HOST, port), timeout=TIMEOUT)
-    with context.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
-        tls.sendall(b"ping")
-        assert tls.recv(100) == b"echo:ping"
-        assert tls.info is not None
-        return tls.info
 
 
 def _classic_server(site_b: Site) -> Callable[[socket.socket], object]:
@@ -76,7 +66,7 @@ def test_a_classic_answer_never_locks_a_required_client_out(
             client.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE)
         raw.close()
         assert not refused.value.sent_by_peer
-        info = _connect(client, srv.port)  # the next connection offers a key again
+        info = ping_echo(client, srv.port)  # the next connection offers a key again
         srv.join()
     assert info.mode == "qkd"
     assert ("localhost", srv.port) not in client.non_qkd_peers
@@ -172,7 +162,7 @@ def test_a_replayed_client_hello_does_not_switch_qkd_off(
         assert mitm.replayed_answer[:1] == b"\x16"
         assert refused.value.sent_by_peer and refused.value.alert == AlertDescription.illegal_parameter
         assert ("localhost", mitm.port) not in client.non_qkd_peers
-        info = _connect(client, mitm.port)
+        info = ping_echo(client, mitm.port)
     client.close()
     assert info.mode == "qkd"
     assert [i.mode for i in server.infos] == ["qkd"]  # no classic connection was ever served
@@ -186,7 +176,7 @@ def test_a_server_that_proved_qkd_is_not_forgotten_after_one_classic_answer(
     kme_down = echo_once(server_context(site_b, dead, qkd="preferred"))  # answers classically
     client = client_context(site_b, kme_a, qkd="preferred")
     with OneShotServer(_in_turn(qkd, kme_down, qkd), connections=3) as srv:
-        modes = [_connect(client, srv.port).mode for _ in range(3)]
+        modes = [ping_echo(client, srv.port).mode for _ in range(3)]
         srv.join()
     assert not srv.errors, srv.errors
     assert modes == ["qkd", "classic", "qkd"]
@@ -207,15 +197,15 @@ def test_a_verified_classic_server_is_offered_no_key_for_a_while(
 
     with OneShotServer(echo_classic, connections=2) as srv:
         before = kme_a.requests_sent
-        assert _connect(client, srv.port).mode == "classic"
+        assert ping_echo(client, srv.port).mode == "classic"
         assert ("localhost", srv.port) in client.non_qkd_peers
         spent = kme_a.requests_sent - before
-        assert _connect(client, srv.port).mode == "classic"
+        assert ping_echo(client, srv.port).mode == "classic"
         assert kme_a.requests_sent - before == spent
         srv.join()
     # Without a verified certificate it proves nothing.
     unverified = client_context(site_b, kme_a, qkd="preferred", check_hostname=False)
     with OneShotServer(echo_classic) as srv:
-        assert _connect(unverified, srv.port).mode == "classic"
+        assert ping_echo(unverified, srv.port).mode == "classic"
         srv.join()
     assert ("localhost", srv.port) not in unverified.non_qkd_peers

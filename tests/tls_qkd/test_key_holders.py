@@ -26,6 +26,7 @@ from tests.tls_qkd.conftest import (
     Site,
     client_context,
     echo_once,
+    ping_echo,
     server_context,
 )
 from tests.tls_qkd.kme_double import ForeignKme, StoredKey
@@ -35,20 +36,11 @@ from qkdtls.net.errors import QKDHandshakeError, QKDKeyUnavailable, QKDPolicyErr
 from qkdtls.testbed import Testbed
 from qkdtls.tls.alerts import AlertDescription
 from qkdtls.tls.config import QkdOffer
-from qkdtls.tls.events import ConnectionInfo
 
 
 def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", None) == name]
 
-
-def _connect_with(context: FixedOfferContext, port: int) -> ConnectionInfo:
-    raw = socket.create_connection((HOST, port), timeout=TIMEOUT)
-    with context.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
-        tls.sendall(b"ping")
-        assert tls.recv(100) == b"echo:ping"
-        assert tls.info is not None
-        return tls.info
 
 
 def test_co_slave_of_a_multicast_key_cannot_pose_as_the_master(
@@ -116,7 +108,7 @@ def test_a_kme_that_reports_no_holders(opt_out: bool, testbed: Testbed, site_b: 
         server = server_context(site_b, kme, qkd="preferred", allow_keys_without_holders=opt_out)
         client = FixedOfferContext(QkdOffer(key_id, material, CLIENT_SAE), cafile=site_b.app_ca)
         with OneShotServer(echo_once(server)) as srv:
-            info = _connect_with(client, srv.port)
+            info = ping_echo(client, srv.port)
             srv.join()
         kme.close()
     assert not srv.errors, srv.errors

@@ -33,31 +33,20 @@ from tests.tls_qkd.conftest import (
     client_context,
     echo_once,
     kme_dec_keys_answered,
+    ping_echo,
     server_context,
 )
 from tests.tls_qkd.kme_double import ForeignKme, StoredKey
 
 from qkdtls.etsi014.client import KmeClient
 from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS_PER_SOURCE, SOURCE_FAILURE_BURST
-from qkdtls.net.context import QKDContext
 from qkdtls.testbed import Testbed
 from qkdtls.tls.alerts import AlertDescription
 from qkdtls.tls.client import TLSClient
 from qkdtls.tls.config import ClientConfig, QkdOffer
-from qkdtls.tls.events import ConnectionInfo
 
 ALERT_ILLEGAL_PARAMETER = bytes((21, 3, 3, 0, 2, 2, AlertDescription.illegal_parameter))
 
-
-def _connect(context: QKDContext, port: int, source: str | None = None) -> ConnectionInfo:
-    raw = socket.create_connection(
-        (HOST, port), timeout=TIMEOUT, source_address=(source, 0) if source else None
-    )
-    with context.wrap_socket(raw, server_hostname="localhost", target_sae_id=SERVER_SAE) as tls:
-        tls.sendall(b"ping")
-        assert tls.recv(100) == b"echo:ping"
-        assert tls.info is not None
-        return tls.info
 
 
 def _wait_for(condition: object, what: str) -> None:
@@ -91,13 +80,13 @@ def test_a_wrong_binder_does_not_burn_the_key(
         if adapter == "socket":
             with OneShotServer(echo_once(server), connections=2) as srv:
                 stranger = openssl_client(srv.port, *attack, send=b"ping\n")
-                info = _connect(owner, srv.port)
+                info = ping_echo(owner, srv.port)
                 srv.join()
             assert len(srv.errors) == 1 and srv.errors[0].alert == AlertDescription.decrypt_error  # type: ignore[attr-defined]
         else:
             with AioServer(server) as srv:
                 stranger = openssl_client(srv.port, *attack, send=b"ping\n")
-                info = _connect(owner, srv.port)
+                info = ping_echo(owner, srv.port)
     server_kme.close()
     assert "decrypt error" in stranger.output.lower()
     assert info.mode == "qkd" and info.key_id == key.key_ID
@@ -162,7 +151,7 @@ def test_forged_hellos_cost_bounded_kme_requests_and_log_lines(
         asyncio.run(_send_hellos(srv.port, impossible, source="127.0.0.3"))
         lines = [r for r in caplog.records if r.name.startswith("qkdtls")]
         # Another address is not held back by the first one's failures.
-        info = _connect(client_context(site_b, kme_a, qkd="required"), srv.port, source="127.0.0.2")
+        info = ping_echo(client_context(site_b, kme_a, qkd="required"), srv.port, source="127.0.0.2")
         kme_requests = kme_dec_keys_answered(testbed, 2) - answered
     server_kme.close()
     assert seconds < 2.0, "the burst was not a burst"
@@ -261,7 +250,7 @@ def test_a_replayed_client_hello_is_refused_even_if_the_kme_serves_the_key_again
         )
         with AioServer(server) as srv:
             with Recorder((HOST, srv.port)) as recorder:
-                info = _connect(client, recorder.port)
+                info = ping_echo(client, recorder.port)
             assert info.mode == "qkd" and info.profile == profile
             with socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as replay:
                 replay.sendall(recorder.first_flight)
@@ -294,7 +283,7 @@ def test_a_key_whose_handshake_ended_during_the_lookup_goes_back(testbed: Testbe
                 slow.sendall(hello.data_to_send())
                 _wait_for(lambda: len(server.keys.collected) == 1, "the key to come back")
             kme_double.delay = 0.0
-            info = _connect(FixedOfferContext(offer, cafile=site_b.app_ca), srv.port)
+            info = ping_echo(FixedOfferContext(offer, cafile=site_b.app_ca), srv.port)
         server_kme.close()
     assert info.mode == "qkd" and info.key_id == key_id
     assert kme_double.dec_keys_requests == 1  # from the cache
