@@ -653,16 +653,19 @@ async def open_connection(
         server_hostname = _default_server_hostname(host)
     started = time.monotonic()
     if prepared_offer is None and context.qkd != "off":
-        prepared_offer = await asyncio.wait_for(
-            asyncio.to_thread(
-                context.prepare_offer,
-                host,
-                port,
-                server_hostname=server_hostname,
-                target_sae_id=target_sae_id,
-            ),
-            timeout,
-        )
+        try:
+            prepared_offer = await asyncio.wait_for(
+                asyncio.to_thread(
+                    context.prepare_offer,
+                    host,
+                    port,
+                    server_hostname=server_hostname,
+                    target_sae_id=target_sae_id,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            raise QKDHandshakeTimeout(f"no key from the KME within {timeout:g} s") from None
     timeout = max(0.001, timeout - (time.monotonic() - started))
     waiter: asyncio.Future[_TLSProtocol] = loop.create_future()
 

@@ -513,10 +513,6 @@ class KeySource:
         finally:
             self.collected.fill(found)
 
-    def take_collected(self, master_sae_id: int, key_id: str) -> bytes | None:
-        """Server: the key if it was collected ahead (without blocking), else None."""
-        return self.collected.take(master_sae_id, key_id)
-
     # -- server side: the key a ClientHello names ----------------------------------------------------------
 
     def admit(self, master_sae_id: int, key_id: str, source: str) -> OfferAdmission | None:

@@ -173,7 +173,8 @@ class QKDSocket:
     def connect(self, address: Any) -> None:
         """Connect and (by default) run the handshake. A client asks its KME for everything it needs
         *before* the TCP connection is opened (:meth:`QKDContext.prepare_offer`)."""
-        if not self.server_side and self._session is None and self._prepared is None:
+        prepare = not self.server_side and self._session is None and self._prepared is None
+        if prepare and isinstance(address, tuple):
             self._prepared = self.context.prepare_offer(
                 address[0],
                 address[1],
