@@ -611,6 +611,7 @@ class KeySource:
             if problem is None:
                 return key.key
             self.gate.refused_by_kme(master_sae_id, key_id, master_unknown=False)
+            self.gate.failed(source)
             _limited(
                 logging.WARNING, "QKD key refused: its holders are not the peer and this SAE alone",
                 {"event": "tls.key_holders_refused", "key_ID": key_id, "master_SAE_ID": master_sae_id,
@@ -632,10 +633,13 @@ class KeySource:
             _limited(logging.WARNING, "QKD rekey key refused: already used",
                      {"event": "tls.offer_refused", "reason": "key already used", "key_ID": key_id})
             return None
-        key = self.collected.take(master_sae_id, key_id, wait=timeout)
-        if key is None:
-            key = self._lookup(master_sae_id, key_id, "rekey", bounded=False)
-        self.gate.release(key_id, used=key is not None)
+        key: bytes | None = None
+        try:
+            key = self.collected.take(master_sae_id, key_id, wait=timeout)
+            if key is None:
+                key = self._lookup(master_sae_id, key_id, "rekey", bounded=False)
+        finally:
+            self.gate.release(key_id, used=key is not None)
         return key
 
     def close(self) -> None:
