@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import socket
 import threading
@@ -39,7 +40,7 @@ from tests.tls_qkd.conftest import (
 from tests.tls_qkd.kme_double import ForeignKme, StoredKey
 
 from qkdtls.etsi014.client import KmeClient
-from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS_PER_SOURCE, SOURCE_FAILURE_BURST
+from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS_PER_SOURCE, SOURCE_FAILURE_BURST, SOURCE_FAILURE_RATE
 from qkdtls.testbed import Testbed
 from qkdtls.tls.alerts import AlertDescription
 from qkdtls.tls.client import TLSClient
@@ -147,19 +148,21 @@ def test_forged_hellos_cost_bounded_kme_requests_and_log_lines(
     with AioServer(server) as srv, caplog.at_level(logging.WARNING):
         answered = kme_dec_keys_answered(testbed, 2)
         requests = server_kme.requests_sent
+        started = time.monotonic()
         seconds = asyncio.run(_send_hellos(srv.port, burst))
         asyncio.run(_send_hellos(srv.port, impossible, source="127.0.0.3"))
+        both = time.monotonic() - started
         lines = [r for r in caplog.records if r.name.startswith("qkdtls")]
         # Another address is not held back by the first one's failures.
         info = ping_echo(client_context(site_b, kme_a, qkd="required"), srv.port, source="127.0.0.2")
         kme_requests = kme_dec_keys_answered(testbed, 2) - answered
     server_kme.close()
-    assert seconds < 2.0, "the burst was not a burst"
+    assert seconds < 10.0, "the burst was not a burst"
     # Before the bounds: one dec_keys and one WARNING line per forged hello (420 of each). Now, per source
     # address: its failure budget, plus the lookups already running when it ran out, plus what came back
     # while the burst lasted; and one request for 127.0.0.2's genuine key.
-    per_source = SOURCE_FAILURE_BURST + DEFAULT_MAX_LOOKUPS_PER_SOURCE + 2
-    assert kme_requests <= 2 * per_source + 1, kme_requests
+    per_source = SOURCE_FAILURE_BURST + DEFAULT_MAX_LOOKUPS_PER_SOURCE + math.ceil(both * SOURCE_FAILURE_RATE)
+    assert kme_requests <= 2 * per_source + 1, (kme_requests, both)
     assert server_kme.requests_sent - requests == kme_requests
     assert len(lines) <= 25, [r.getMessage() for r in lines]
     assert info.mode == "qkd"
