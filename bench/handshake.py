@@ -62,6 +62,7 @@ class ServerSpec:
 
 def _server(spec: ServerSpec, connections: int, ports: Any) -> None:
     """Server process: sequential accept loop; handshake, one byte out, wait for the client to close."""
+    qkd: QKDContext | None = None
     if spec.kind == "ssl":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -95,6 +96,8 @@ def _server(spec: ServerSpec, connections: int, ports: Any) -> None:
                 print(f"server error: {exc!r}", file=sys.stderr)
             finally:
                 raw.close()
+    if qkd is not None:
+        qkd.close()  # stops collecting keys the last connections announced (nobody will use them)
 
 
 def one_handshake(port: int, wrap: Wrap) -> float:

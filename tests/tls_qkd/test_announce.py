@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import logging
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from tests.peers.clients import OneShotServer
 from tests.tls_qkd.conftest import (
+    CLIENT_SAE,
     HOST,
     SERVER_SAE,
     TIMEOUT,
@@ -141,6 +145,7 @@ def test_server_without_the_option_collects_as_before(
     client = announcing_client
     with OneShotServer(echo_once(server), connections=2) as srv:
         _warm(client)
+        server.keys.own_sae_id()  # asked once per context (GET sae/info/me), not per handshake
         before = server_kme.requests_sent
         infos = [_connect(client, srv.port) for _ in range(2)]
         srv.join()
@@ -224,3 +229,19 @@ async def test_asyncio_adapters_announce_and_use_collected_keys(
     assert [i.key_id for i in seen] == [i.key_id for i in infos]
     assert len({i.key_id for i in infos}) == len(infos)
     server.close()
+
+
+def test_a_collection_after_the_context_ended_is_no_warning(
+    site_b: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server context dropped while an announced-key collection is still queued (a process ending, as
+    ``bench.handshake``'s servers do): the collection meets a closed KME client, which is the shutdown it
+    is, not a KME failure worth a WARNING."""
+    context = server_context(site_b, site_b.kme, qkd="required", accept_key_announcements=True)
+    keys = context.keys
+    del context
+    gc.collect()  # the context's finalizer ends the key source and the KME client it created
+    with caplog.at_level(logging.DEBUG, logger="qkdtls.net"):
+        keys._collect_batch(CLIENT_SAE, [str(uuid.uuid4())])  # the job that was still queued
+    records = [r for r in caplog.records if getattr(r, "event", None) == "tls.announce_not_collected"]
+    assert [r.levelno for r in records] == [logging.DEBUG]

@@ -131,3 +131,25 @@ def test_help_texts() -> None:
         assert done.returncode == 0
         assert "--qkd" in done.stdout and "insufficient_security" in done.stdout
         assert "--profile" in done.stdout and "reference" in done.stdout
+
+
+def test_s_server_allow_list_and_its_errors(site_a: Site, site_b: Site) -> None:
+    server = ServerProcess(site_b, "--qkd", "required", "--allow-peer-sae", "1002")
+    try:
+        argv = [
+            *QKDTLS, "s_client", f"{HOST}:{server.port}", "--servername", "localhost", "--cafile",
+            str(site_b.app_ca), "--target-sae", str(SERVER_SAE), *_kme_flags(site_a, "--cert", "--key"),
+        ]
+        result = run_peer(argv, send=b"ping\n", timeout=TIMEOUT)  # SAE 1001 is not on the list
+    finally:
+        assert server.stop() == 0
+    assert result.returncode == 1 and "insufficient_security" in result.stderr.decode()
+    assert any("peer SAE not allowed" in line for line in server.lines), server.lines
+    # Client certificates under required, and no SAE listed: nobody could connect, said at start.
+    for extra in (["--cafile", str(site_b.app_ca)], ["--allow-peer-sae", "0"]):
+        argv = [
+            *QKDTLS, "s_server", "--accept", "0", "--cert", str(site_b.app_cert), "--key",
+            str(site_b.app_key), *_kme_flags(site_b, "--kme-cert", "--kme-key"), "--qkd", "required", *extra,
+        ]
+        done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, text=True)
+        assert done.returncode == 2 and "allowed_peer_sae_ids" in done.stderr, done.stderr

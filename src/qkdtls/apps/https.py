@@ -66,14 +66,22 @@ def tls_connect(
     target_sae_id: int | None = None,
     timeout: float = 10.0,
 ) -> TLSStream:
-    """A TCP connection to ``address`` with the TLS handshake done (TLS-QKD when the context offers it)."""
+    """A TCP connection to ``address`` with the TLS handshake done (TLS-QKD when the context offers it).
+
+    A TLS-QKD client asks its KME for the key before connecting, so the server never waits for it.
+    """
+    hostname = server_hostname if server_hostname is not None else address[0]
+    prepared = None
+    if _is_qkd_context(context):
+        prepared = context.prepare_offer(  # type: ignore[union-attr]
+            address[0], address[1], server_hostname=hostname, target_sae_id=target_sae_id
+        )
     raw = socket.create_connection(address, timeout=timeout)
     try:
         _nodelay(raw)
-        hostname = server_hostname if server_hostname is not None else address[0]
         if _is_qkd_context(context):
             stream: TLSStream = context.wrap_socket(  # type: ignore[union-attr]
-                raw, server_hostname=hostname, target_sae_id=target_sae_id
+                raw, server_hostname=hostname, target_sae_id=target_sae_id, prepared_offer=prepared
             )
         else:
             stream = context.wrap_socket(raw, server_hostname=hostname)  # type: ignore[union-attr]

@@ -181,18 +181,18 @@ class _KmeCounters:
     def track(self, ctx: Any) -> Any:
         with self._lock:
             self._live.append(ctx)
-        collect = ctx.keys.collect
+        obtain = ctx.keys.obtain
 
-        def timed_collect(master_sae_id: int, key_id: str) -> bytes | None:
+        def timed_obtain(admission: Any) -> bytes | None:
             start = time.perf_counter()
             try:
-                return collect(master_sae_id, key_id)  # type: ignore[no-any-return]
+                return obtain(admission)  # type: ignore[no-any-return]
             finally:
                 with self._lock:
                     self.collect_ms += (time.perf_counter() - start) * 1000
 
         # Instrumentation for the benchmark only: the key source is the context's, this measures its call.
-        ctx.keys.collect = timed_collect
+        ctx.keys.obtain = timed_obtain
         return ctx
 
     def retire(self, ctx: Any) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdtls.cli.main import UserError
+from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS, DEFAULT_MAX_LOOKUPS_PER_SOURCE, DEFAULT_USED_KEY_MEMORY
 from qkdtls.tls.events import ConnectionInfo
 
 _POLICY_HELP = (
@@ -59,6 +60,12 @@ def _add_kme_arguments(parser: argparse.ArgumentParser, *, cert_aliases: bool) -
     )
     group.add_argument(
         "--kme-timeout", type=float, default=5.0, metavar="S", help="bound for each KME request"
+    )
+    group.add_argument(
+        "--allow-keys-without-holders",
+        action="store_true",
+        help="accept keys from a KME that does not report their holders (key_extension); only for a KME "
+        "trusted to hand out keys shared by exactly two SAEs (no multicast keys)",
     )
 
 
@@ -136,6 +143,37 @@ def register(subparsers: Any) -> None:
     )
     server.add_argument(
         "--www", action="store_true", help="answer HTTP GET with a status page instead of echoing"
+    )
+    server.add_argument(
+        "--allow-peer-sae",
+        dest="allowed_peer_saes",
+        action="append",
+        type=int,
+        metavar="ID",
+        help="accept TLS-QKD only from this SAE (repeatable); other SAEs' offers are refused before any KME "
+        "request. With --cafile (client certificates required), only the SAEs listed may use TLS-QKD",
+    )
+    server.add_argument(
+        "--max-kme-lookups",
+        type=int,
+        default=DEFAULT_MAX_LOOKUPS,
+        metavar="N",
+        help="KME requests for handshakes at once; past it a QKD offer is refused (default %(default)s)",
+    )
+    server.add_argument(
+        "--max-kme-lookups-per-source",
+        type=int,
+        default=DEFAULT_MAX_LOOKUPS_PER_SOURCE,
+        metavar="N",
+        help="the same, per client address (default %(default)s)",
+    )
+    server.add_argument(
+        "--used-key-memory",
+        type=float,
+        default=DEFAULT_USED_KEY_MEMORY,
+        metavar="S",
+        help="how long used key IDs are remembered, so a replayed ClientHello is refused; at least the KMEs' "
+        "reservation TTL and re-collection window (default %(default)s)",
     )
     server.add_argument(
         "--accept-key-announcements",
@@ -220,6 +258,7 @@ def run_client(args: argparse.Namespace) -> int:
             alpn_protocols=args.alpn,
             sae_directory=args.sae_directory,
             handshake_timeout=args.timeout,
+            allow_keys_without_holders=args.allow_keys_without_holders,
         )
     except (QKDError, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -230,12 +269,24 @@ def run_client(args: argparse.Namespace) -> int:
         servername = host
     started = time.monotonic()
     try:
+        # The KME requests happen before TCP is opened: the server never waits for them.
+        prepared = context.prepare_offer(
+            host, port, server_hostname=servername, target_sae_id=args.target_sae
+        )
+    except QKDError as exc:
+        print(f"qkdtls s_client: {exc}", file=sys.stderr)
+        context.close()
+        return 1
+    try:
         raw = socket.create_connection((host, port), timeout=args.timeout)
     except OSError as exc:
         print(f"qkdtls s_client: cannot connect to {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        context.close()
         return 1
     try:
-        conn = context.wrap_socket(raw, server_hostname=servername, target_sae_id=args.target_sae)
+        conn = context.wrap_socket(
+            raw, server_hostname=servername, target_sae_id=args.target_sae, prepared_offer=prepared
+        )
     except QKDError as exc:
         raw.close()
         print(f"qkdtls s_client: {exc}", file=sys.stderr)
@@ -321,7 +372,13 @@ def run_server(args: argparse.Namespace) -> int:
             alpn_protocols=args.alpn,
             handshake_timeout=args.timeout,
             accept_key_announcements=args.accept_key_announcements,
+            allowed_peer_sae_ids=args.allowed_peer_saes,
+            allow_keys_without_holders=args.allow_keys_without_holders,
+            max_kme_lookups=args.max_kme_lookups,
+            max_kme_lookups_per_source=args.max_kme_lookups_per_source,
+            used_key_memory=args.used_key_memory,
         )
+        context.check_server_access()
     except (QKDError, ValueError) as exc:
         raise UserError(str(exc)) from None
     try:

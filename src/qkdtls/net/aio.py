@@ -18,16 +18,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from qkdtls.net.context import QKDContext
+from qkdtls.net.admission import LogLimiter
+from qkdtls.net.context import PreparedOffer, QKDContext
 from qkdtls.net.errors import (
     QKDError,
     QKDHandshakeError,
     QKDHandshakeTimeout,
+    QKDKeyReplayed,
     QKDKeyUnavailable,
-    QKDPolicyError,
 )
-from qkdtls.net.session import Session
-from qkdtls.tls.alerts import InvalidState
+from qkdtls.net.qkd_keys import OfferAdmission
+from qkdtls.net.session import Session, encode_plaintext_alert
+from qkdtls.net.socket import CLOSE_LINGER, provide_admitted_key
+from qkdtls.tls.alerts import AlertDescription, InvalidState
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
@@ -40,6 +43,8 @@ from qkdtls.tls.events import (
 )
 
 log = logging.getLogger(__name__)
+# Failed handshakes are logged by the server; strangers can cause any number of them.
+_limited = LogLimiter(log)
 
 ClientConnectedCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 _STREAM_LIMIT = 2**16
@@ -135,6 +140,7 @@ class _TLSProtocol(asyncio.Protocol):
         on_failed: Callable[[BaseException], None],
         server_hostname: str | None = None,
         target_sae_id: int | None = None,
+        prepared_offer: PreparedOffer | None = None,
     ) -> None:
         self.context = context
         self.server_side = server_side
@@ -172,6 +178,10 @@ class _TLSProtocol(asyncio.Protocol):
         self._raw_write_paused = False
         self._app_write_paused = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._prepared = prepared_offer
+        self._lingering = False  # our close_notify is out; waiting (bounded) for the peer's end
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._admission: OfferAdmission | None = None  # server: the offer whose key the KME is asked for
 
     # -- TCP side ------------------------------------------------------------------------------------------
 
@@ -208,22 +218,28 @@ class _TLSProtocol(asyncio.Protocol):
         from qkdtls.tls.client import TLSClient
 
         assert self.raw is not None
-        peer = self.raw.get_extra_info("peername")
-        peer_ip = peer[0] if peer else None
-        host = self.server_hostname or peer_ip
-        port = peer[1] if peer else None
-        self._peer = (host, port)
-        self.target_sae_id = self.context.resolve_target(host, port, self.target_sae_id, peer_ip=peer_ip)
-        self._kme_busy = True
-        try:
-            offer = await asyncio.to_thread(self.context.client_offer, host, port, self.target_sae_id)
-        except QKDError as exc:
-            self._fail(exc)
-            return
-        finally:
-            self._kme_busy = False
-        if self._done:
-            return  # timed out while the KME answered
+        prepared = self._prepared
+        if prepared is not None and prepared.resolved:
+            self._peer = (prepared.host, prepared.port)
+            self.target_sae_id = prepared.target_sae_id
+            offer = prepared.take()
+        else:  # the target is known by the peer's address only: the KME requests happen now
+            peer = self.raw.get_extra_info("peername")
+            peer_ip = peer[0] if peer else None
+            host = self.server_hostname or peer_ip
+            port = peer[1] if peer else None
+            self._peer = (host, port)
+            self.target_sae_id = self.context.resolve_target(host, port, self.target_sae_id, peer_ip=peer_ip)
+            self._kme_busy = True
+            try:
+                offer = await asyncio.to_thread(self.context.client_offer, host, port, self.target_sae_id)
+            except QKDError as exc:
+                self._fail(exc)
+                return
+            finally:
+                self._kme_busy = False
+            if self._done:
+                return  # timed out while the KME answered
         self._offered = offer is not None
         self._offered_announced = offer is not None and offer.announced
         self.session = Session(TLSClient(self.context.client_config(), self.server_hostname, offer))
@@ -243,14 +259,22 @@ class _TLSProtocol(asyncio.Protocol):
         self._feed(data)
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            self._end_linger()
+            return True
         self.data_received(b"")
         return True  # we close TCP ourselves once close_notify went out
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self._admission is not None:
+            self._admission.abandon()
+            self._admission = None
         if not self._done:
             self._fail(exc or QKDHandshakeError("connection closed during the TLS handshake"))
             return
@@ -287,7 +311,7 @@ class _TLSProtocol(asyncio.Protocol):
         raw = self.raw
         if raw is None or raw.is_closing():
             return
-        want = not (self._kme_busy or self.app_paused)
+        want = self._lingering or not (self._kme_busy or self.app_paused)
         if want and not raw.is_reading():
             raw.resume_reading()
         elif not want and raw.is_reading():
@@ -314,31 +338,43 @@ class _TLSProtocol(asyncio.Protocol):
             if event is None:
                 break
             if isinstance(event, NeedQkdKey):
-                # A key collected ahead (announced) is served without leaving the event loop.
-                key = self.context.keys.take_collected(event.master_sae_id, event.key_id)
-                if key is not None:
+                try:
+                    admission = self.context.keys.admit(event.master_sae_id, event.key_id, self._source())
+                except QKDKeyReplayed as exc:
+                    self._refuse_replay(exc)
+                    return
+                # Refused at once, or a key collected ahead (announced): served without leaving the loop.
+                key = admission.take_cached() if admission is not None else None
+                if admission is None or key is not None:
                     try:
-                        session.provide_qkd_key(key)
+                        provide_admitted_key(session, admission, key)
                     except QKDError as exc:
                         self._flush()
                         self._fail(exc)
                         return
                     continue
-                self._kme_call(
-                    self.context.keys.collect, session.provide_qkd_key, event.master_sae_id, event.key_id
-                )
+                self._admission = admission  # given back if the connection ends while the KME answers
+                self._kme_call(self.context.keys.obtain, self._provide_key, admission)
             elif isinstance(event, KeysAnnounced):
                 self.context.keys.collect_announced(event.master_sae_id, event.key_ids)
             elif isinstance(event, NeedRekeyKey):
                 self._kme_call(
-                    self.context.keys.collect, session.provide_rekey_key, event.master_sae_id, event.key_id
+                    self.context.keys.collect_rekey,
+                    session.provide_rekey_key,
+                    event.master_sae_id,
+                    event.key_id,
                 )
             elif isinstance(event, HandshakeComplete):
                 self._established(event.info)
             elif isinstance(event, ApplicationData):
+                if self._lingering:
+                    continue  # after our close nobody reads: the bytes are dropped, not reset
                 self._bytes_since_rekey += len(event.data)
                 self._to_app(("data", bytes(event.data)))  # asyncio protocols are given bytes
             elif isinstance(event, ConnectionClosed):
+                if self._lingering:
+                    self._end_linger()
+                    break
                 self._to_app(("eof", None))
             elif isinstance(event, QkdRekeyed):
                 self._rekeying = False
@@ -355,6 +391,9 @@ class _TLSProtocol(asyncio.Protocol):
             try:
                 result = await asyncio.to_thread(fetch, *args)
                 provide(result)
+            except QKDKeyReplayed as exc:
+                self._refuse_replay(exc)
+                return
             except QKDError as exc:
                 self._flush()
                 self._fail(exc)
@@ -366,6 +405,21 @@ class _TLSProtocol(asyncio.Protocol):
             self._drain_backlog()
 
         self._spawn(run())
+
+    def _provide_key(self, key: bytes | None) -> None:
+        admission, self._admission = self._admission, None
+        assert self.session is not None
+        provide_admitted_key(self.session, admission, key)
+
+    def _refuse_replay(self, exc: QKDKeyReplayed) -> None:
+        """A replayed ClientHello: a clear-text illegal_parameter alert (no keys were agreed), then close."""
+        if self.raw is not None and not self.raw.is_closing():
+            self.raw.write(encode_plaintext_alert(AlertDescription.illegal_parameter))
+        self._fail(exc)
+
+    def _source(self) -> str:
+        peer = self.raw.get_extra_info("peername") if self.raw is not None else None
+        return str(peer[0]) if peer else "unknown"
 
     def _drain_backlog(self) -> None:
         while self._backlog and not self._kme_busy and self.session is not None and self._failed is None:
@@ -409,14 +463,8 @@ class _TLSProtocol(asyncio.Protocol):
         if self._failed is not None:
             return
         self._failed = exc
-        if (
-            not self.server_side
-            and self._offered
-            and isinstance(exc, QKDPolicyError)
-            and not exc.sent_by_peer
-        ):
-            self.context.note_outcome(*self._peer, True, "classic", self._offered_announced)
-        elif not self.server_side and not self._done and self._offered_announced:
+        # A failed handshake is no evidence about the server (see QKDSocket._handshake_failed).
+        if not self.server_side and not self._done and self._offered_announced:
             self.context.note_outcome(*self._peer, True, "failed", announced=True)
         if self.raw is not None:
             self.raw.close()  # what is buffered (the alert) still goes out
@@ -487,9 +535,28 @@ class _TLSProtocol(asyncio.Protocol):
         self._maybe_rekey()
 
     def close_notify(self) -> None:
-        if self.session is not None and self.session.established and self._failed is None:
-            self.session.close()
+        """close_notify, then end TCP - after the peer's close_notify or end of stream (at most
+        CLOSE_LINGER seconds), so what it still sends never meets a closed socket (a TCP reset)."""
+        raw = self.raw
+        session = self.session
+        if raw is None:
+            return
+        if session is not None and session.established and self._failed is None:
+            session.close()
             self._flush()
+            if not session.closed_by_peer and not raw.is_closing() and raw.can_write_eof():
+                self._lingering = True
+                raw.write_eof()
+                self._linger_timer = self._loop.call_later(CLOSE_LINGER, self._end_linger)
+                self.update_reading()
+                return
+        raw.close()
+
+    def _end_linger(self) -> None:
+        self._lingering = False
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self.raw is not None:
             self.raw.close()
 
@@ -568,17 +635,38 @@ async def open_connection(
     target_sae_id: int | None = None,
     ssl_handshake_timeout: float | None = None,
     limit: int = _STREAM_LIMIT,
+    prepared_offer: PreparedOffer | None = None,
     **kwargs: Any,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect, run the TLS-QKD handshake (bounded), and return streams; raises :class:`QKDError` on failure.
 
     ``server_hostname`` defaults to ``host`` when it is a name (SNI and certificate check); the target SAE ID
-    is explicit or looked up in the context's directory.
+    is explicit or looked up in the context's directory. The KME requests (this SAE's ID, the key) are made
+    before the TCP connection is opened (in a worker thread), unless ``prepared_offer`` brings them; the
+    handshake timeout covers them.
     """
     if context.purpose != "client":
         raise ValueError("open_connection needs a client context")
     loop = asyncio.get_running_loop()
     timeout = ssl_handshake_timeout or context.handshake_timeout
+    if server_hostname is None:
+        server_hostname = _default_server_hostname(host)
+    started = time.monotonic()
+    if prepared_offer is None and context.qkd != "off":
+        try:
+            prepared_offer = await asyncio.wait_for(
+                asyncio.to_thread(
+                    context.prepare_offer,
+                    host,
+                    port,
+                    server_hostname=server_hostname,
+                    target_sae_id=target_sae_id,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            raise QKDHandshakeTimeout(f"no key from the KME within {timeout:g} s") from None
+    timeout = max(0.001, timeout - (time.monotonic() - started))
     waiter: asyncio.Future[_TLSProtocol] = loop.create_future()
 
     def established(proto: _TLSProtocol) -> None:
@@ -596,10 +684,9 @@ async def open_connection(
             handshake_timeout=timeout,
             on_established=established,
             on_failed=failed,
-            server_hostname=server_hostname
-            if server_hostname is not None
-            else _default_server_hostname(host),
+            server_hostname=server_hostname,
             target_sae_id=target_sae_id,
+            prepared_offer=prepared_offer,
         )
 
     raw, _ = await asyncio.wait_for(loop.create_connection(factory, host, port, **kwargs), timeout)
@@ -633,6 +720,7 @@ async def start_server(
     """
     if context.purpose != "server":
         raise ValueError("start_server needs a server context")
+    context.check_server_access()
     loop = asyncio.get_running_loop()
     timeout = ssl_handshake_timeout or context.handshake_timeout
 
@@ -644,7 +732,7 @@ async def start_server(
         extra: dict[str, Any] = {"event": "tls.handshake_failed", "reason": str(exc)}
         if isinstance(exc, QKDHandshakeError):
             extra["alert"] = exc.alert_name
-        log.info("TLS handshake failed", extra=extra)
+        _limited(logging.INFO, "TLS handshake failed", extra)
 
     def factory() -> _TLSProtocol:
         return _TLSProtocol(
@@ -654,8 +742,9 @@ async def start_server(
     return await loop.create_server(factory, host, port, **kwargs)
 
 
-async def close_writer(writer: asyncio.StreamWriter, timeout: float = 2.0) -> None:
-    """Close a stream (close_notify) and wait, bounded, until the transport is gone."""
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_LINGER + 1.0) -> None:
+    """Close a stream (close_notify) and wait, bounded, until the transport is gone (the peer's close_notify
+    or end of stream, at most CLOSE_LINGER seconds)."""
     writer.close()
     with contextlib.suppress(OSError, QKDError, asyncio.TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), timeout)

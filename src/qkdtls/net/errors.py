@@ -51,6 +51,17 @@ class QKDPolicyError(QKDHandshakeError):
     """Policy ``required`` and the peer does not speak TLS-QKD (``insufficient_security``)."""
 
 
+class QKDKeyReplayed(QKDHandshakeError):
+    """Server: the ClientHello names a QKD key this server already used (or is using): a replayed ClientHello.
+
+    Refused with an ``illegal_parameter`` alert under every policy, never handed to classic TLS: a replay
+    must not turn an honest client's connection into a classic one it would learn from.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, AlertDescription.illegal_parameter)
+
+
 class QKDHandshakeTimeout(QKDError, TimeoutError):
     """The handshake did not complete within the context's ``handshake_timeout``."""
 

@@ -9,6 +9,7 @@ them because taking them and writing them happen under one write lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -21,11 +22,11 @@ from qkdtls.net.errors import (
     QKDError,
     QKDHandshakeError,
     QKDHandshakeTimeout,
+    QKDKeyReplayed,
     QKDKeyUnavailable,
-    QKDPolicyError,
 )
-from qkdtls.net.session import Session
-from qkdtls.tls.alerts import InvalidState
+from qkdtls.net.session import Session, encode_plaintext_alert
+from qkdtls.tls.alerts import AlertDescription, InvalidState
 from qkdtls.tls.events import (
     ApplicationData,
     ConnectionClosed,
@@ -39,7 +40,8 @@ from qkdtls.tls.events import (
 )
 
 if TYPE_CHECKING:
-    from qkdtls.net.context import QKDContext
+    from qkdtls.net.context import PreparedOffer, QKDContext
+    from qkdtls.net.qkd_keys import OfferAdmission
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ _SEND_CHUNK = 16 * 16384
 _IOV_MAX = 512
 # close()/unwrap() never wait longer than this for the socket to accept the close_notify or the peer's answer.
 _CLOSE_TIMEOUT = 2.0
+# After our close_notify, close() waits this long at most for the peer's close_notify or end of stream
+# before it closes the socket, as OpenSSL-based servers do (a "lingering close"): closing at once would make
+# the kernel answer whatever the peer still sends (its own close_notify) with a TCP reset, and a reset can
+# destroy data the peer has received but not read yet.
+CLOSE_LINGER = 2.0
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -74,10 +81,29 @@ def send_buffers(sock: socket.socket, buffers: list[bytes | bytearray]) -> None:
             views[0] = views[0][sent:]
 
 
-def handle_handshake_event(event: Event, session: Session, context: QKDContext) -> None:
-    """Server-side KME calls during the handshake (blocking; asyncio runs this in a thread)."""
-    if isinstance(event, NeedQkdKey):
-        session.provide_qkd_key(context.keys.collect(event.master_sae_id, event.key_id))
+def provide_admitted_key(session: Session, admission: OfferAdmission | None, key: bytes | None) -> None:
+    """Server: hand the engine the key of an offer (None: refuse the offer), then settle the admission.
+
+    The engine raises ``decrypt_error`` from ``provide_qkd_key`` only for a PSK binder that does not verify:
+    then the key was not used and goes back to the server's cache for the client that holds it. Any other
+    outcome used the key (its binder verified, or the reference handshake started with it).
+    """
+    binder_ok = True
+    try:
+        session.provide_qkd_key(key)
+    except QKDHandshakeError as exc:
+        binder_ok = exc.alert != AlertDescription.decrypt_error
+        raise
+    finally:
+        if admission is not None and key is not None:
+            admission.settle(binder_ok)
+
+
+def serve_qkd_key(event: NeedQkdKey, session: Session, context: QKDContext, source: str) -> None:
+    """Server: the key a ClientHello names, within the context's access control and bounds (blocking)."""
+    admission = context.keys.admit(event.master_sae_id, event.key_id, source)
+    key = context.keys.obtain(admission) if admission is not None else None
+    provide_admitted_key(session, admission, key)
 
 
 class QKDSocket:
@@ -92,6 +118,7 @@ class QKDSocket:
         server_hostname: str | None = None,
         target_sae_id: int | None = None,
         do_handshake_on_connect: bool = True,
+        prepared_offer: PreparedOffer | None = None,
     ) -> None:
         self._sock = sock
         self.context = context
@@ -100,6 +127,7 @@ class QKDSocket:
         self.target_sae_id = target_sae_id
         self.do_handshake_on_connect = do_handshake_on_connect
         self._session: Session | None = None
+        self._prepared = prepared_offer
         self._peer: tuple[str | None, int | None] = (None, None)
         self._offered_key_id: str | None = None
         self._offered_announced = False  # the key offered was announced to this server earlier
@@ -143,6 +171,16 @@ class QKDSocket:
         return True
 
     def connect(self, address: Any) -> None:
+        """Connect and (by default) run the handshake. A client asks its KME for everything it needs
+        *before* the TCP connection is opened (:meth:`QKDContext.prepare_offer`)."""
+        prepare = not self.server_side and self._session is None and self._prepared is None
+        if prepare and isinstance(address, tuple):
+            self._prepared = self.context.prepare_offer(
+                address[0],
+                address[1],
+                server_hostname=self.server_hostname,
+                target_sae_id=self.target_sae_id,
+            )
         self._sock.connect(address)
         if self.do_handshake_on_connect:
             self.do_handshake()
@@ -222,11 +260,17 @@ class QKDSocket:
             return Session(TLSServer(ctx.server_config()), classic_context=ctx.classic_context())
         from qkdtls.tls.client import TLSClient
 
-        peer_host, peer_port = self._sock.getpeername()[:2]
-        host = self.server_hostname or peer_host
-        self._peer = (host, peer_port)
-        self.target_sae_id = ctx.resolve_target(host, peer_port, self.target_sae_id, peer_ip=peer_host)
-        offer = ctx.client_offer(host, peer_port, self.target_sae_id)
+        prepared = self._prepared
+        if prepared is not None and prepared.resolved:
+            self._peer = (prepared.host, prepared.port)
+            self.target_sae_id = prepared.target_sae_id
+            offer = prepared.take()
+        else:  # a socket connected before it was wrapped: the KME requests happen now
+            peer_host, peer_port = self._sock.getpeername()[:2]
+            host = self.server_hostname or peer_host
+            self._peer = (host, peer_port)
+            self.target_sae_id = ctx.resolve_target(host, peer_port, self.target_sae_id, peer_ip=peer_host)
+            offer = ctx.client_offer(host, peer_port, self.target_sae_id)
         if offer is not None:
             self._offered_key_id = offer.key_id
             self._offered_announced = offer.announced
@@ -293,15 +337,9 @@ class QKDSocket:
         )
 
     def _handshake_failed(self, exc: QKDError) -> None:
-        # A QKD offer answered with insufficient_security by *our* client means a classic server.
-        if (
-            not self.server_side
-            and self._offered_key_id is not None
-            and isinstance(exc, QKDPolicyError)
-            and not exc.sent_by_peer
-        ):
-            self.context.note_outcome(*self._peer, True, "classic", self._offered_announced)
-        elif not self.server_side and self._offered_announced:
+        # A failed handshake is no evidence about the server (anyone on the path can make it fail), except
+        # that an announced key it did not take is lost, like the keys announced with it.
+        if not self.server_side and self._offered_announced:
             self.context.note_outcome(*self._peer, True, "failed", announced=True)
         try:
             self._flush()  # the alert the engine queued
@@ -315,7 +353,13 @@ class QKDSocket:
             if event is None:
                 return
             if isinstance(event, NeedQkdKey):
-                handle_handshake_event(event, session, self.context)
+                try:
+                    serve_qkd_key(event, session, self.context, self._source())
+                except QKDKeyReplayed:
+                    # No keys were agreed: the alert goes in clear, as for any refused ClientHello.
+                    with contextlib.suppress(OSError):
+                        self._sock.sendall(encode_plaintext_alert(AlertDescription.illegal_parameter))
+                    raise
             elif isinstance(event, ApplicationData):
                 self._plain.append(event.data)
             elif isinstance(event, ConnectionClosed):
@@ -325,6 +369,13 @@ class QKDSocket:
                     self._announce(session)
             else:
                 self._after_event(event)
+
+    def _source(self) -> str:
+        """The peer's address, which the server's KME lookup bounds are counted by."""
+        try:
+            return str(self._sock.getpeername()[0])
+        except (OSError, IndexError):
+            return "unknown"
 
     def _announce(self, session: Session) -> None:
         """Client: name the keys the next connections to this server will offer (0xFEA9 negotiated)."""
@@ -378,7 +429,7 @@ class QKDSocket:
         session = self._session
         assert session is not None
         if isinstance(event, NeedRekeyKey):
-            key = self.context.keys.collect(event.master_sae_id, event.key_id)
+            key = self.context.keys.collect_rekey(event.master_sae_id, event.key_id)
             with self._lock:
                 session.provide_rekey_key(key)
         elif isinstance(event, KeysAnnounced):
@@ -610,7 +661,45 @@ class QKDSocket:
 
     def _real_close(self) -> None:
         self._send_close_notify()
+        self._linger()
         self._sock.close()
+
+    def _linger(self) -> None:
+        """After our close_notify: end our half of TCP and read until the peer's close_notify or end of
+        stream, at most CLOSE_LINGER seconds, so what the peer still sends never meets a closed socket."""
+        session = self._session
+        if session is None or not session.established or session.failed is not None:
+            return
+        if self._eof or session.closed_by_peer:
+            return  # the peer has finished sending: closing now cannot cause a reset
+        deadline = time.monotonic() + CLOSE_LINGER
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        # Another thread reading this socket gets the peer's end itself; then there is nothing to wait for.
+        if not self._read_lock.acquire(timeout=CLOSE_LINGER):
+            return
+        try:
+            scratch = bytearray(_HANDSHAKE_READ_SIZE)
+            while not session.closed_by_peer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._sock.settimeout(left)
+                n = self._sock.recv_into(scratch)
+                if not n:
+                    return
+                with self._lock:
+                    try:
+                        session.receive_data(bytes(scratch[:n]))
+                    except QKDError:
+                        return
+                    session.take_events()  # data after our close is not read by anyone
+        except OSError:
+            return
+        finally:
+            self._read_lock.release()
 
     def _decref_socketios(self) -> None:
         if self._io_refs > 0:
