@@ -85,6 +85,21 @@ def test_client_refuses_a_key_its_kme_shares_with_another_slave(
     assert preferred.client_offer("localhost", 1, SERVER_SAE) is None
 
 
+def test_client_never_offers_a_key_shorter_than_128_bits(
+    site_b: Site, kme_a: KmeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-party key too short for TLS (the KME allows 64 bits) is refused like a missing one."""
+    [short] = kme_a.enc_keys(SERVER_SAE, number=1, size=64).keys
+    assert len(short.key) == 8
+    monkeypatch.setattr(kme_a, "get_key", lambda *args, **kwargs: short)
+    client = client_context(site_b, kme_a, qkd="required")
+    with pytest.raises(QKDKeyUnavailable, match="64 bits"):
+        client.prepare_offer(HOST, 1, server_hostname="localhost", target_sae_id=SERVER_SAE)
+    preferred = client_context(site_b, kme_a, qkd="preferred")
+    assert preferred.client_offer("localhost", 1, SERVER_SAE) is None
+    assert ("localhost", 1) not in preferred.non_qkd_peers
+
+
 def test_the_two_party_keys_of_our_kme_are_accepted(site_b: Site, kme_a: KmeClient, kme_b: KmeClient) -> None:
     client = client_context(site_b, kme_a, qkd="required")
     with OneShotServer(echo_once(server_context(site_b, kme_b, qkd="required"))) as srv:

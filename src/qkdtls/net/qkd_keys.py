@@ -41,7 +41,7 @@ from qkdtls.net.admission import (
 )
 from qkdtls.net.errors import QKDConfigurationError, QKDKeyReplayed, QKDKeyUnavailable
 from qkdtls.tls.config import QkdOffer
-from qkdtls.tls.qkd_secure import MAX_ANNOUNCED_KEYS
+from qkdtls.tls.qkd_secure import MAX_ANNOUNCED_KEYS, MIN_KEY_BYTES, key_long_enough
 
 log = logging.getLogger(__name__)
 # Server-side refusals and KME failures: strangers can trigger them with forged ClientHellos.
@@ -347,6 +347,16 @@ class KeySource:
     # -- client side -------------------------------------------------------------------------------------
 
     def _check_own_key(self, key: Key, master: int, target_sae_id: int) -> None:
+        if not key_long_enough(key.key):
+            # The engine would refuse to offer it; refusing here keeps the policy paths (classic hello under
+            # preferred, QKDKeyUnavailable under required) and never marks the server as one without QKD.
+            log.warning(
+                "KME key refused: shorter than a TLS-QKD key may be",
+                extra={"event": "tls.key_too_short", "key_ID": key.key_ID, "bits": len(key.key) * 8},
+            )
+            raise QKDKeyUnavailable(
+                f"KME key {key.key_ID} has {len(key.key) * 8} bits; TLS-QKD needs {MIN_KEY_BYTES * 8} or more"
+            )
         problem = holders_problem(key, master, target_sae_id, allow_missing=self.allow_keys_without_holders)
         if problem is not None:
             log.warning(
