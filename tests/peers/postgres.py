@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from qkdtls.testbed import free_port
+
 PG_BIN = Path(os.environ.get("QKDTLS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 _db_counter = itertools.count()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(*args: str, timeout: float = 60) -> None:
@@ -54,16 +49,26 @@ def postgres_server() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="qkdtls-pg-"))
     shutil.chown(base, user="postgres", group="postgres")
     data = base / "data"
-    port = _free_port()
     _as_postgres(
         str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"
     )
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    # The port is drawn outside the kernel's ephemeral range (testbed.free_port), but another process may
+    # still bind it between the draw and the server's start: then draw again, a bounded number of times.
+    attempts = 4
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+        try:
+            _as_postgres(
+                str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-o", options,
+                "-w", "-t", "60", "start",
+            )  # fmt: skip
+            break
+        except RuntimeError as exc:
+            log_tail = (base / "server.log").read_text(errors="replace")[-2000:]
+            if attempt == attempts or "could not bind" not in log_tail:
+                raise RuntimeError(f"PostgreSQL did not start on port {port}: {exc}\n{log_tail}") from None
     try:
-        _as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-o", options,
-            "-w", "-t", "30", "start",
-        )  # fmt: skip
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         try:
