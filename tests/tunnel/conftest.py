@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import socket
@@ -22,20 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.tls_qkd.conftest import CLIENT_SAE, SERVER_SAE, TESTBED_SAES
 
 from qkdtls.testbed import Testbed
-from tests.tls_qkd.conftest import CLIENT_SAE, SERVER_SAE, TESTBED_SAES
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 TIMEOUT = 20.0
+VERBOSE = bool(os.environ.get("QKDTLS_TUNNEL_TEST_VERBOSE"))  # every INFO line of the tunnels in their logs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     root = tmp_path_factory.mktemp("tunnel-testbed")
     # Enough key material for the rekeying transfers: 1 MiB per link direction pair.
-    with Testbed.create(root, saes=TESTBED_SAES, initial_key_bytes=1 << 20, service={"recollect_window": 0.0}) as tb:
+    with Testbed.create(
+        root, saes=TESTBED_SAES, initial_key_bytes=1 << 20, service={"recollect_window": 0.0}
+    ) as tb:
         yield tb
 
 
@@ -62,7 +66,13 @@ def to_toml(doc: dict[str, Any], prefix: str = "") -> str:
 
 def kme_table(tb: Testbed, sae_id: int) -> dict[str, Any]:
     cert, key, ca = tb.sae_credentials(sae_id)
-    return {"url": tb.sae_url(tb.kme_of(sae_id)), "cert": str(cert), "key": str(key), "ca": str(ca), "timeout": 3.0}
+    return {
+        "url": tb.sae_url(tb.kme_of(sae_id)),
+        "cert": str(cert),
+        "key": str(key),
+        "ca": str(ca),
+        "timeout": 3.0,
+    }
 
 
 class TunnelProcess:
@@ -84,14 +94,17 @@ class TunnelProcess:
 
     def start(self) -> TunnelProcess:
         self.ready.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "qkdtls", "--log-format", "json", "tunnel", "--config", str(self.config),
-                "--ready-file", str(self.ready)]  # fmt: skip
+        verbose = ["-v"] if VERBOSE else []
+        argv = [sys.executable, "-m", "qkdtls", "--log-format", "json", *verbose, "tunnel",
+                "--config", str(self.config), "--ready-file", str(self.ready)]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tunnel {self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"tunnel {self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tunnel {self.name} not ready:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -132,7 +145,9 @@ class TunnelProcess:
                     out.append(doc)
         return out
 
-    def wait_records(self, count: int, timeout: float = TIMEOUT, event: str = "tunnel.connection") -> list[dict[str, Any]]:
+    def wait_records(
+        self, count: int, timeout: float = TIMEOUT, event: str = "tunnel.connection"
+    ) -> list[dict[str, Any]]:
         """At least ``count`` records (a connection's record is written when both of its sides are gone)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -198,7 +213,9 @@ def tunnel_pair(
 ) -> Iterator[tuple[TunnelProcess, TunnelProcess]]:
     """A server-side tunnel (site B) in front of ``target_port`` and a client-side one (site A) to it."""
     extra = {"tunnel": tunnel} if tunnel else {}
-    b = TunnelProcess(root, "site-b", {**extra, "services": {"svc": server_service(tb, target_port, **(server or {}))}})
+    b = TunnelProcess(
+        root, "site-b", {**extra, "services": {"svc": server_service(tb, target_port, **(server or {}))}}
+    )
     with b:
         a_doc = {**extra, "services": {"svc": client_service(tb, b.port("svc"), **(client or {}))}}
         with TunnelProcess(root, "site-a", a_doc) as a:

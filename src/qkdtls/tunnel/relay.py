@@ -50,6 +50,9 @@ class Side(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.relay.side_ready(self)
+        # uvloop starts reading after connection_made returns, whatever was paused in it: apply the state
+        # again on the next turn (until then at most one read arrives, which is held in ``_pending``).
+        asyncio.get_running_loop().call_soon(self._sync_reading)
 
     def data_received(self, data: bytes) -> None:
         self.relay.forward(self, data)
@@ -70,20 +73,26 @@ class Side(asyncio.Protocol):
     # -- used by the relay -----------------------------------------------------------------------------------
 
     def block(self, why: str) -> None:
-        if why in self._blocked:
-            return
-        self._blocked.add(why)
-        if len(self._blocked) == 1 and self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.pause_reading()
+        if why not in self._blocked:
+            self._blocked.add(why)
+            if len(self._blocked) == 1:
+                self._sync_reading()
 
     def unblock(self, why: str) -> None:
-        if why not in self._blocked:
+        if why in self._blocked:
+            self._blocked.discard(why)
+            if not self._blocked:
+                self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self._blocked.discard(why)
-        if not self._blocked and self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.resume_reading()
+        with contextlib.suppress(RuntimeError, AttributeError):
+            if self._blocked:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         transport = self.transport
