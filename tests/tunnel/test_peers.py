@@ -109,7 +109,9 @@ def test_required_server_tunnel_refuses_a_classic_client(testbed: Testbed, tmp_p
         service["connect"] = f"{HOST}:{target.port}"
         with TunnelProcess(tmp_path, "site-b", {"services": {"svc": service}}) as b:
             _, _, ca = testbed.app_server_credentials(SERVER_SAE)
-            refused = openssl_client(b.port("svc"), "-CAfile", str(ca), "-servername", "localhost", send=b"x\n")
+            refused = openssl_client(
+                b.port("svc"), "-CAfile", str(ca), "-servername", "localhost", send=b"x\n"
+            )
             (record,) = b.wait_records(1)
     assert "insufficient security" in refused.output.lower(), refused.output
     assert record["reason"] == "policy" and record["mode"] is None
