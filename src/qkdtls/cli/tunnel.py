@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdtls.cli.main import UserError
-from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS, DEFAULT_MAX_LOOKUPS_PER_SOURCE, DEFAULT_USED_KEY_MEMORY
+from qkdtls.net.admission import DEFAULT_MAX_LOOKUPS, DEFAULT_USED_KEY_MEMORY
 
 QUICK_SERVICE = "tunnel"
 # Quick mode: configuration field → the flag that sets it, so errors name what the user typed.
@@ -93,7 +93,7 @@ def register(subparsers: Any) -> None:
                        help=f"server: KME requests at once (default {DEFAULT_MAX_LOOKUPS})")  # fmt: skip
     quick.add_argument(
         "--max-kme-lookups-per-source", type=int, metavar="N",
-        help=f"server: ... per client address (default {DEFAULT_MAX_LOOKUPS_PER_SOURCE})",
+        help=f"server: ... per client address (default {DEFAULT_MAX_LOOKUPS}; a remote tunnel is one)",
     )  # fmt: skip
     quick.add_argument(
         "--used-key-memory", type=float, metavar="S",

@@ -18,7 +18,6 @@ from qkdtls.kme.config import ConfigError
 from qkdtls.kme.config import _Reader as Reader
 from qkdtls.net.admission import (
     DEFAULT_MAX_LOOKUPS,
-    DEFAULT_MAX_LOOKUPS_PER_SOURCE,
     DEFAULT_USED_KEY_MEMORY,
     MAX_PEER_SAE_ID,
     MIN_PEER_SAE_ID,
@@ -30,6 +29,10 @@ from qkdtls.tls.qkd_secure import MAX_ANNOUNCED_KEYS
 __all__ = ["ConfigError", "KmeSettings", "ServiceConfig", "TunnelConfig", "load_config", "parse_config"]
 
 MODES = ("client", "server")
+# A server-side tunnel sees every connection of a remote site from that site's tunnel: one address. The
+# per-address bound on KME lookups (4 for a server facing many clients) would cap a whole site's burst of
+# new connections, so it defaults to the overall bound here.
+TUNNEL_LOOKUPS_PER_SOURCE = DEFAULT_MAX_LOOKUPS
 _CLIENT_ONLY = (
     "target_sae_id", "sae_directory", "sni", "verify", "prefetch", "announce_keys",
     "rekey_after_bytes", "rekey_after_seconds",
@@ -96,7 +99,7 @@ class ServiceConfig:
     allowed_peer_sae_ids: tuple[int, ...] | None = None
     accept_key_announcements: bool = False
     max_kme_lookups: int = DEFAULT_MAX_LOOKUPS
-    max_kme_lookups_per_source: int = DEFAULT_MAX_LOOKUPS_PER_SOURCE
+    max_kme_lookups_per_source: int = TUNNEL_LOOKUPS_PER_SOURCE
     used_key_memory: float = DEFAULT_USED_KEY_MEMORY
 
     @property
@@ -247,7 +250,7 @@ def _service(r: Reader, name: str, shared_kme: KmeSettings | None) -> ServiceCon
             accept_key_announcements=r.boolean("accept_key_announcements", False),
             max_kme_lookups=r.integer("max_kme_lookups", DEFAULT_MAX_LOOKUPS, lo=1, hi=65536),
             max_kme_lookups_per_source=r.integer(
-                "max_kme_lookups_per_source", DEFAULT_MAX_LOOKUPS_PER_SOURCE, lo=1, hi=65536
+                "max_kme_lookups_per_source", TUNNEL_LOOKUPS_PER_SOURCE, lo=1, hi=65536
             ),
             used_key_memory=r.number("used_key_memory", DEFAULT_USED_KEY_MEMORY, hi=86400.0 * 30),
         )
