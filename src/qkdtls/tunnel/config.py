@@ -7,6 +7,7 @@ docs/tunnel.md documents every field.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ class ServiceConfig:
         if self.sni is not None:
             return self.sni or None
         host = self.connect[0]
-        return None if _is_ip(host) else host
+        return None if is_ip(host) else host
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +121,7 @@ class TunnelConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:

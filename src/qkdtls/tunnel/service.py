@@ -14,6 +14,7 @@ of them ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -22,7 +23,7 @@ from typing import Any, cast
 
 from qkdtls.net.admission import LogLimiter
 from qkdtls.net.aio import TLSProtocol
-from qkdtls.net.context import QKDContext
+from qkdtls.net.context import PreparedOffer, QKDContext
 from qkdtls.net.errors import (
     QKDConfigurationError,
     QKDError,
@@ -30,7 +31,7 @@ from qkdtls.net.errors import (
     QKDKeyUnavailable,
     QKDPolicyError,
 )
-from qkdtls.tunnel.config import ServiceConfig
+from qkdtls.tunnel.config import ServiceConfig, is_ip
 from qkdtls.tunnel.relay import Relay
 
 log = logging.getLogger("qkdtls.tunnel")
@@ -79,6 +80,22 @@ def build_context(config: ServiceConfig) -> QKDContext:
     )
     context.check_server_access()
     return context
+
+
+def announced_offer(context: QKDContext, config: ServiceConfig) -> PreparedOffer | None:
+    """A key already announced to the remote tunnel, taken without leaving the event loop (memory only), or
+    None: then ``prepare_offer`` runs in a worker thread (it may ask the KME). Taking the announced key
+    atomically is what keeps the event loop from ever waiting for a KME here."""
+    host, port = config.connect
+    name = config.server_hostname or host
+    target = context.resolve_target(name, port, config.target_sae_id, peer_ip=host if is_ip(host) else None)
+    if target is None or context.keys.kme is None:
+        return None
+    offer = context.keys.announced.take(name, port, target)
+    if offer is None:
+        return None
+    offer = dataclasses.replace(offer, profiles=context.profiles)
+    return PreparedOffer(name, port, config.server_hostname, target, offer, resolved=True)
 
 
 def _reason_of(exc: BaseException) -> str:
@@ -247,44 +264,44 @@ class Service:
 
     @staticmethod
     async def _connect_tls(relay: Relay, config: ServiceConfig, context: QKDContext) -> TLSProtocol | None:
-        """KME requests first (a worker thread), then TCP and the handshake, all within handshake_timeout.
-        None: the local client left meanwhile (a key already taken is lost, as a failed one)."""
+        """KME requests first, then TCP and the handshake, all within handshake_timeout. None: the local
+        client left meanwhile (a key already taken is lost, as a failed one)."""
         loop = asyncio.get_running_loop()
         host, port = config.connect
-        deadline = time.monotonic() + config.handshake_timeout
-        prepared = None
-        if config.qkd != "off":
-            prepared = await asyncio.wait_for(
-                asyncio.to_thread(
-                    context.prepare_offer,
-                    host,
-                    port,
+        deadline = loop.time() + config.handshake_timeout
+        async with asyncio.timeout_at(deadline):
+            prepared = None
+            if config.qkd != "off":
+                prepared = announced_offer(context, config)
+                if prepared is None:  # may ask the KME: a worker thread, never the event loop
+                    prepared = await asyncio.to_thread(
+                        context.prepare_offer,
+                        host,
+                        port,
+                        server_hostname=config.server_hostname,
+                        target_sae_id=config.target_sae_id,
+                    )
+            if relay.reason is not None:
+                return None
+            established: asyncio.Future[TLSProtocol] = loop.create_future()
+
+            def factory() -> TLSProtocol:
+                return TLSProtocol(
+                    context,
+                    server_side=False,
+                    handshake_timeout=max(0.001, deadline - loop.time()),
+                    on_established=lambda p: established.done() or established.set_result(p),
+                    on_failed=lambda e: established.done() or established.set_exception(e),
                     server_hostname=config.server_hostname,
                     target_sae_id=config.target_sae_id,
-                ),
-                config.handshake_timeout,
-            )
-        if relay.reason is not None:
-            return None
-        established: asyncio.Future[TLSProtocol] = loop.create_future()
+                    prepared_offer=prepared,
+                )
 
-        def factory() -> TLSProtocol:
-            return TLSProtocol(
-                context,
-                server_side=False,
-                handshake_timeout=max(0.001, deadline - time.monotonic()),
-                on_established=lambda p: established.done() or established.set_result(p),
-                on_failed=lambda e: established.done() or established.set_exception(e),
-                server_hostname=config.server_hostname,
-                target_sae_id=config.target_sae_id,
-                prepared_offer=prepared,
-            )
-
-        remaining = max(0.001, deadline - time.monotonic())
-        raw, _ = await asyncio.wait_for(loop.create_connection(factory, host, port), remaining)
+            raw, _ = await loop.create_connection(factory, host, port)
         try:
-            # The protocol enforces the deadline; this outer bound only guards against a lost callback.
-            return await asyncio.wait_for(established, remaining + 1.0)
+            # The protocol enforces the deadline itself; this bound only guards against a lost callback.
+            async with asyncio.timeout_at(deadline + 1.0):
+                return await established
         except BaseException:
             raw.abort()
             raise
@@ -318,9 +335,8 @@ class Service:
         loop = asyncio.get_running_loop()
         host, port = config.connect
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: relay.sides[1], host, port), config.connect_timeout
-            )
+            async with asyncio.timeout(config.connect_timeout):
+                await loop.create_connection(lambda: relay.sides[1], host, port)
         except (OSError, TimeoutError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             relay.fail("connect_failed", f"{host}:{port}: {detail}")
