@@ -80,7 +80,7 @@ class Tunnel:
             raise
         self.services[config.name] = service
         host, port = service.address or config.accept
-        log.warning(
+        log.info(
             f"service {config.name} ({config.mode}) listening on {host}:{port}, connecting to "
             f"{config.connect[0]}:{config.connect[1]}, qkd={config.qkd}",
             extra={"event": "tunnel.listening", "service": config.name, "address": f"{host}:{port}"},
@@ -99,7 +99,7 @@ class Tunnel:
         )
         await server.start(host, port)
         self._metrics_server = server
-        log.warning(
+        log.info(
             f"metrics on http://{host}:{server.port}/metrics",
             extra={"event": "tunnel.metrics", "address": f"{host}:{server.port}"},
         )
@@ -154,7 +154,7 @@ class Tunnel:
                 )
                 return False
             self.metrics.reloads["ok"] += 1
-            log.warning(
+            log.info(
                 "configuration reloaded",
                 extra={"event": "tunnel.reloaded", "services": sorted(self.services)},
             )
@@ -228,7 +228,7 @@ class Tunnel:
             service.stop_listening()
         running = sum(len(s.relays) for s in services)
         if running:
-            log.warning(
+            log.info(
                 f"shutting down: {running} connections may finish within {grace:g} s",
                 extra={"event": "tunnel.draining", "connections": running, "grace_period": grace},
             )
