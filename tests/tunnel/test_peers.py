@@ -193,3 +193,35 @@ def test_two_services_one_process(testbed: Testbed, tmp_path: Path) -> None:
                 records = b.wait_records(2)
     assert sorted(r["service"] for r in records) == ["echo", "web"]
     assert all(r["mode"] == "qkd" for r in records)
+
+
+def test_half_close_over_classic_tls(testbed: Testbed, tmp_path: Path) -> None:
+    """The classic path (OpenSSL after the hand-off) half-closes too: the target's end of stream reaches
+    a Python ssl client as close_notify, and what the client sends afterwards still reaches the target."""
+    received: list[bytes] = []
+
+    def banner_then_listen(conn: socket.socket) -> None:
+        conn.sendall(b"banner")
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while more := conn.recv(65536):
+            data += more
+        received.append(data)
+
+    service = server_service(testbed, 0, qkd="preferred")
+    _, _, ca = testbed.app_server_credentials(SERVER_SAE)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with TcpServer(banner_then_listen) as target:
+        service["connect"] = f"{HOST}:{target.port}"
+        with TunnelProcess(tmp_path, "site-b", {"services": {"svc": service}}) as b:
+            raw = socket.create_connection((HOST, b.port("svc")), timeout=TIMEOUT)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                got = b""
+                while more := tls.recv(100):
+                    got += more
+                assert got == b"banner"
+                tls.sendall(b"after the server's close_notify")
+                tls.unwrap()
+            (record,) = b.wait_records(1)
+    assert received == [b"after the server's close_notify"]
+    assert record["mode"] == "classic" and record["reason"] == "closed"
