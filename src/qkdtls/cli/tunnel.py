@@ -102,6 +102,10 @@ def register(subparsers: Any) -> None:
     quick.add_argument("--allow-keys-without-holders", action="store_true",
                        help="accept keys whose KME reports no holders")  # fmt: skip
     quick.add_argument("--max-connections", type=int, metavar="N", help="connections at once (1024)")
+    quick.add_argument(
+        "--max-handshakes", type=int, metavar="N",
+        help="server: handshakes in progress at once; past it the oldest is closed (256)",
+    )  # fmt: skip
     quick.add_argument("--idle-timeout", type=float, metavar="S", help="close after S s without data (300)")
     quick.add_argument("--handshake-timeout", type=float, metavar="S", help="TLS set-up bound (10)")
     quick.add_argument("--connect-timeout", type=float, metavar="S", help="server: target connect bound (10)")
@@ -115,7 +119,7 @@ def _quick_document(args: argparse.Namespace) -> dict[str, Any]:
     simple = (
         "accept", "connect", "alpn", "cert", "key", "cafile", "sae_directory", "sni", "prefetch",
         "announce_keys", "rekey_after_bytes", "rekey_after_seconds", "max_kme_lookups",
-        "max_kme_lookups_per_source", "used_key_memory", "max_connections", "idle_timeout",
+        "max_kme_lookups_per_source", "used_key_memory", "max_connections", "max_handshakes", "idle_timeout",
         "handshake_timeout", "connect_timeout", "profiles",
     )  # fmt: skip
     for name in simple:

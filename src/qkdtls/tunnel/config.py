@@ -39,8 +39,8 @@ _CLIENT_ONLY = (
     "rekey_after_bytes", "rekey_after_seconds",
 )  # fmt: skip
 _SERVER_ONLY = (
-    "allowed_peer_sae_ids", "accept_key_announcements", "max_kme_lookups", "max_kme_lookups_per_source",
-    "used_key_memory",
+    "allowed_peer_sae_ids", "accept_key_announcements", "max_handshakes", "max_kme_lookups",
+    "max_kme_lookups_per_source", "used_key_memory",
 )  # fmt: skip
 
 
@@ -99,6 +99,7 @@ class ServiceConfig:
     # server side
     allowed_peer_sae_ids: tuple[int, ...] | None = None
     accept_key_announcements: bool = False
+    max_handshakes: int = 256  # handshakes in progress at once; past it the oldest is closed
     max_kme_lookups: int = DEFAULT_MAX_LOOKUPS
     max_kme_lookups_per_source: int = TUNNEL_LOOKUPS_PER_SOURCE
     used_key_memory: float = DEFAULT_USED_KEY_MEMORY
@@ -247,6 +248,7 @@ def _service(r: Reader, name: str, shared_kme: KmeSettings | None) -> ServiceCon
         values.update(
             allowed_peer_sae_ids=_sae_ids(r, "allowed_peer_sae_ids"),
             accept_key_announcements=r.boolean("accept_key_announcements", False),
+            max_handshakes=r.integer("max_handshakes", 256, lo=1, hi=1_000_000),
             max_kme_lookups=r.integer("max_kme_lookups", DEFAULT_MAX_LOOKUPS, lo=1, hi=65536),
             max_kme_lookups_per_source=r.integer(
                 "max_kme_lookups_per_source", TUNNEL_LOOKUPS_PER_SOURCE, lo=1, hi=65536

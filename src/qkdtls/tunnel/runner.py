@@ -27,7 +27,7 @@ from qkdtls.http11.server import HttpServer, Request, Response, Router
 from qkdtls.tunnel.config import ConfigError, ServiceConfig, TunnelConfig
 from qkdtls.tunnel.metrics import CONTENT_TYPE, TunnelMetrics
 from qkdtls.tunnel.relay import Relay
-from qkdtls.tunnel.service import Service, build_context
+from qkdtls.tunnel.service import Service, build_context, limited_log
 
 log = logging.getLogger("qkdtls.tunnel")
 # KME requests run in worker threads (never on the event loop): enough of them that set-ups waiting for a
@@ -117,13 +117,13 @@ class Tunnel:
         self.metrics.record(relay)
         if self._retired:
             self._retired = [s for s in self._retired if s.relays]
-        record = relay.record()
-        level = logging.INFO if relay.established else logging.WARNING
-        log.log(
-            level,
-            f"connection {relay.peer} -> {relay.target} {relay.reason}",
-            extra=record,
-        )
+        message = f"connection {relay.peer} -> {relay.target} {relay.reason}"
+        if relay.established:
+            if log.isEnabledFor(logging.INFO):
+                log.info(message, extra=relay.record())
+        else:
+            # Connections that never got through: strangers can cause any number of them.
+            limited_log(logging.WARNING, message, relay.record())
 
     def _refused(self, service: str) -> None:
         self.metrics.refused[service] += 1

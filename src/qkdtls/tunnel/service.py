@@ -36,7 +36,7 @@ from qkdtls.tunnel.relay import Relay
 
 log = logging.getLogger("qkdtls.tunnel")
 # Failed set-ups can be caused by strangers (server mode) or by a KME outage (client mode): rate-limited.
-_limited = LogLimiter(log, burst=10, interval=10.0)
+limited_log = LogLimiter(log, burst=10, interval=10.0)
 
 
 def build_context(config: ServiceConfig) -> QKDContext:
@@ -145,6 +145,8 @@ class Service:
         self._on_record = on_record
         self._on_refused = on_refused
         self.relays: set[Relay] = set()
+        # Server side: connections accepted whose handshake is running, oldest first.
+        self._handshaking: dict[Relay, TLSProtocol] = {}
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -204,7 +206,7 @@ class Service:
         config = gen.config
         if len(self.relays) >= config.max_connections or self.server is None:
             self._on_refused(self.name)
-            _limited(
+            limited_log(
                 logging.WARNING,
                 "connection refused: service at its connection limit",
                 {"event": "tunnel.refused", "service": self.name, "limit": config.max_connections},
@@ -233,6 +235,7 @@ class Service:
 
     def _done(self, relay: Relay, gen: _Generation) -> None:
         self.relays.discard(relay)
+        self._handshaking.pop(relay, None)
         gen.release()
         self._on_record(relay, gen.config)
 
@@ -312,6 +315,7 @@ class Service:
         config = gen.config
 
         def established(proto: TLSProtocol) -> None:
+            self._handshaking.pop(relay, None)
             relay.handshake_seconds = proto.handshake_seconds
             relay.tls = proto
             relay.info = proto.session.info if proto.session is not None else None
@@ -319,6 +323,7 @@ class Service:
             self._spawn(self._open_target(relay, config))
 
         def failed(exc: BaseException) -> None:
+            self._handshaking.pop(relay, None)
             relay.fail(_reason_of(exc), str(exc))
 
         proto = _PeerNamed(
@@ -329,6 +334,17 @@ class Service:
             on_established=established,
             on_failed=failed,
         )
+        # Until its handshake completes a connection is unauthenticated: past max_handshakes the oldest
+        # such connection is closed to make room, so a flood of idle or slow handshakes displaces itself
+        # (an honest handshake takes milliseconds and is rarely the oldest) instead of filling
+        # max_connections until their deadlines.
+        while len(self._handshaking) >= config.max_handshakes:
+            oldest_relay, oldest = next(iter(self._handshaking.items()))
+            del self._handshaking[oldest_relay]
+            oldest_relay.fail("evicted", f"oldest of {config.max_handshakes} handshakes in progress")
+            if oldest.raw is not None:
+                oldest.raw.abort()
+        self._handshaking[relay] = proto
         return proto
 
     async def _open_target(self, relay: Relay, config: ServiceConfig) -> None:
