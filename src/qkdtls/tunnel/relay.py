@@ -219,7 +219,7 @@ class Relay:
         """Setting up failed (handshake, KME, connect): close what exists."""
         self.finish(reason, error)
 
-    def finish(self, reason: str, error: str | None = None, *, abort: bool = False) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         """Close both sides (once); the record is written when both transports are gone."""
         if self.reason is None:
             self.reason, self.error = reason, error
@@ -229,8 +229,6 @@ class Relay:
         for side in self.sides:
             if side.transport is None:
                 self.lost[side.index] = True
-            elif abort and side.index != self.tls_index:
-                side.abort()
             else:
                 side.close()  # TLS: close_notify and a bounded linger
         if all(self.lost):

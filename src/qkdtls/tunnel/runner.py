@@ -27,7 +27,7 @@ from qkdtls.http11.server import HttpServer, Request, Response, Router
 from qkdtls.tunnel.config import ConfigError, ServiceConfig, TunnelConfig
 from qkdtls.tunnel.metrics import CONTENT_TYPE, TunnelMetrics
 from qkdtls.tunnel.relay import Relay
-from qkdtls.tunnel.service import Service, build_context, limited_log
+from qkdtls.tunnel.service import Service, build_context, close_context, limited_log
 
 log = logging.getLogger("qkdtls.tunnel")
 # KME requests run in worker threads (never on the event loop): enough of them that set-ups waiting for a
@@ -76,7 +76,7 @@ class Tunnel:
         try:
             await service.start()
         except BaseException:
-            context.close()
+            close_context(context)
             raise
         self.services[config.name] = service
         host, port = service.address or config.accept

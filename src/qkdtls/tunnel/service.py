@@ -120,7 +120,17 @@ class _Generation:
     def release(self) -> None:
         self.connections -= 1
         if self.retired and self.connections == 0:
-            self.context.close()
+            close_context(self.context)
+
+
+def close_context(context: QKDContext) -> None:
+    """Close a context off the event loop: its KME client waits (bounded) for a prefetch in flight."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        context.close()
+        return
+    loop.run_in_executor(None, context.close)
 
 
 class _Refuse(asyncio.Protocol):
@@ -150,6 +160,7 @@ class Service:
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = False
 
     @property
     def config(self) -> ServiceConfig:
@@ -179,6 +190,7 @@ class Service:
         self.server = await loop.create_server(self._accepted, sock=sock)
 
     def stop_listening(self) -> None:
+        self._stopped = True  # connections the kernel still hands over are refused
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -193,7 +205,7 @@ class Service:
     def retire(gen: _Generation) -> None:
         gen.retired = True
         if gen.connections == 0:
-            gen.context.close()
+            close_context(gen.context)
 
     def close(self) -> None:
         """After the last connection: the context goes."""
@@ -204,7 +216,7 @@ class Service:
     def _accepted(self) -> asyncio.Protocol:
         gen = self._gen
         config = gen.config
-        if len(self.relays) >= config.max_connections or self.server is None:
+        if len(self.relays) >= config.max_connections or self._stopped:
             self._on_refused(self.name)
             limited_log(
                 logging.WARNING,
