@@ -80,6 +80,34 @@ def test_large_transfer_with_rekeys_is_byte_exact(testbed: Testbed, tmp_path: Pa
     assert records_a[0]["rekeys"] >= 1 and records_a[0]["bytes_down"] == 8 * MiB
 
 
+def test_no_rekey_after_the_client_side_ended(testbed: Testbed, tmp_path: Path) -> None:
+    """The client ends its stream first, then the target sends 8 MiB: the client tunnel's rekey limit is
+    passed after its close_notify, when it can no longer send a QkdRekey; it must not try (nor spend a
+    key)."""
+    payload = pattern(8 * MiB, seed=2)
+
+    def answer_after_eof(conn: socket.socket) -> None:
+        assert recv_all(conn) == b"go"
+        conn.sendall(payload)
+
+    client = {"rekey_after_bytes": 1 * MiB}
+    with (
+        TcpServer(answer_after_eof) as target,
+        tunnel_pair(testbed, tmp_path, target.port, client=client) as (
+            a,
+            b,
+        ),
+    ):
+        with socket.create_connection((HOST, a.port("svc")), timeout=TIMEOUT) as sock:
+            sock.sendall(b"go")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == payload
+        (ra,), (rb,) = a.wait_records(1), b.wait_records(1)
+    assert not target.errors
+    assert ra["reason"] == rb["reason"] == "closed" and ra["rekeys"] == rb["rekeys"] == 0
+    assert not a.records("tls.internal_error")
+
+
 def _client_half_closes_first(conn: socket.socket) -> None:
     got = recv_all(conn)
     conn.sendall(b"you sent %d bytes" % len(got) + b"." * 100_000)
