@@ -7,10 +7,11 @@ docs/tunnel.md documents every field.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,6 @@ class TunnelConfig:
     services: tuple[ServiceConfig, ...]
     grace_period: float = 30.0  # SIGTERM: how long running connections may finish
     metrics: tuple[str, int] | None = None  # Prometheus /metrics listener
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def is_ip(host: str) -> bool:
@@ -312,7 +312,4 @@ def load_config(path: str | Path) -> TunnelConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    config = parse_config(doc, origin=str(path), base=path.resolve().parent)
-    return TunnelConfig(
-        path=path, services=config.services, grace_period=config.grace_period, metrics=config.metrics
-    )
+    return dataclasses.replace(parse_config(doc, origin=str(path), base=path.resolve().parent), path=path)
