@@ -39,7 +39,8 @@ def test_psql_through_two_tunnels(testbed: Testbed, tmp_path: Path, postgres_dsn
     url = urlsplit(postgres_dsn)
     database = url.path.lstrip("/")
     assert url.port is not None
-    with tunnel_pair(testbed, tmp_path, url.port, client={"alpn": ["postgresql"]}) as (a, b):
+    alpn = {"alpn": ["postgresql"]}
+    with tunnel_pair(testbed, tmp_path, url.port, client=alpn, server=alpn) as (a, b):
         result = _psql(a.port("svc"), database, SCRIPT)
         again = _psql(a.port("svc"), database, "SELECT count(*) FROM readings;")
         records_a, records_b = a.wait_records(2), b.wait_records(2)
@@ -53,6 +54,8 @@ def test_psql_through_two_tunnels(testbed: Testbed, tmp_path: Path, postgres_dsn
     assert [r["mode"] for r in records_a + records_b] == ["qkd"] * 4
     assert sorted(r["key_ID"] for r in records_a) == sorted(r["key_ID"] for r in records_b)
     assert len({r["key_ID"] for r in records_a}) == 2
+    assert all(r["alpn"] == "postgresql" for r in records_a + records_b)
+    assert all(r["server_name"] == "localhost" for r in records_b)  # the client tunnel's SNI
     assert all(r["reason"] == "closed" for r in records_a + records_b)
     big = max(records_b, key=lambda r: r["bytes_down"])
     assert big["bytes_down"] > 20000 * 36  # the COPY output went through
