@@ -4,7 +4,7 @@
 
 Both are a pair of processes on loopback: a client-side tunnel (plaintext in, TLS out) and a server-side one
 (TLS in, plaintext to a target), in front of the same target process. stunnel uses a certificate and TLS 1.3
-(TLS_AES_256_GCM_SHA384, its default; session resumption on, its default); the qkdtls pair uses TLS-QKD,
+(TLS_AES_256_GCM_SHA384, its default; its session cache left at its defaults); the qkdtls pair uses TLS-QKD,
 secure profile, ``qkd = "required"``, keys from the two-KME testbed (the same suite), with a prefetch pool
 and key announcement (the KME requests are then made around the handshakes, and are included: the KMEs run
 on the same two cores). A row without prefetch shows the cost of asking both KMEs inside each set-up.
