@@ -15,6 +15,7 @@ Measured, runs interleaved so machine load hits the rows alike:
   client) and the CPU time per MiB of the two tunnel processes together (``/proc/PID/stat``, all threads);
 * connection set-up: ``--connections`` connections at concurrency 1 and 32, each connect → send one byte →
   first byte of the target's answer → close; set-ups per second and p50/p99 of connect-to-first-byte;
+* CPU per set-up at concurrency 32: of the two tunnel processes, and of the two KMEs meanwhile;
 * memory: RSS of both tunnel processes with ``--idle`` idle tunnelled connections open, minus before.
 
 Targets: throughput and CPU per MiB within 0.8x of stunnel's; connect latency within 1.5x; 1,000 idle
@@ -356,14 +357,15 @@ def main() -> None:
             if not args.skip_no_prefetch:
                 pairs.append(start_qkdtls(root, tb, target, "qkdtls-no-prefetch", prefetch=0))
             try:
-                run_all(pairs, args)
+                kme_procs = [k.proc for k in tb.kmes.values() if k.proc is not None]
+                run_all(pairs, args, Pair("KMEs", 0, kme_procs))
             finally:
                 for pair in pairs:
                     pair.stop()
     print(f"after: {_others()}")
 
 
-def run_all(pairs: list[Pair], args: argparse.Namespace) -> None:
+def run_all(pairs: list[Pair], args: argparse.Namespace, kmes: Pair) -> None:
     size = args.mib << 20
     results: dict[str, dict[str, list[float]]] = {p.name: {} for p in pairs}
 
@@ -379,10 +381,18 @@ def run_all(pairs: list[Pair], args: argparse.Namespace) -> None:
             add(pair, "MB/s", mbs)
             add(pair, "CPU ms/MiB", cpu * 1000)
             for concurrency in (1, 32):
+                cpu0, kme0 = pair.cpu_seconds(), kmes.cpu_seconds()
                 rate, p50, p99 = setup_rate(pair, args.connections, concurrency)
                 add(pair, f"c{concurrency} set-ups/s", rate)
                 add(pair, f"c{concurrency} p50 ms", p50)
                 add(pair, f"c{concurrency} p99 ms", p99)
+                if concurrency == 32:  # CPU per set-up: the two tunnels, and the two KMEs meanwhile
+                    add(
+                        pair,
+                        "c32 tunnels CPU ms/set-up",
+                        (pair.cpu_seconds() - cpu0) * 1000 / args.connections,
+                    )
+                    add(pair, "c32 KMEs CPU ms/set-up", (kmes.cpu_seconds() - kme0) * 1000 / args.connections)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     for pair in pairs:
         before, during = idle_memory(pair, args.idle)
