@@ -17,6 +17,7 @@ COMMANDS = (
     "qkdtls.cli.qkd_link",
     "qkdtls.cli.kme",
     "qkdtls.cli.tls",
+    "qkdtls.cli.tunnel",
     "qkdtls.cli.demo",
 )
 

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from qkdtls.net.admission import LogLimiter
 from qkdtls.net.context import PreparedOffer, QKDContext
@@ -53,7 +53,7 @@ _STREAM_LIMIT = 2**16
 class QKDTransport(asyncio.Transport):
     """What the application writes to: plaintext in, TLS records out on the TCP transport."""
 
-    def __init__(self, proto: _TLSProtocol) -> None:
+    def __init__(self, proto: TLSProtocol) -> None:
         super().__init__()
         self._proto = proto
         self._closing = False
@@ -97,10 +97,14 @@ class QKDTransport(asyncio.Transport):
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
-        return False  # TLS has no half-close on the TCP level; close() sends close_notify
+        return True
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS transports cannot write EOF; use close()")
+        """TLS 1.3 half-close: close_notify and the end of our TCP half; the peer's data still arrives
+        until its own close_notify (``eof_received``). ``close()`` then ends the connection."""
+        if self._closing:
+            raise RuntimeError("write_eof() after close()")
+        self._proto.write_eof()
 
     def pause_reading(self) -> None:
         self._proto.app_paused = True
@@ -127,8 +131,14 @@ class QKDTransport(asyncio.Transport):
         return self._proto.app_protocol  # type: ignore[return-value]
 
 
-class _TLSProtocol(asyncio.Protocol):
-    """Drives one TLS-QKD connection on a TCP transport (client or server side)."""
+class TLSProtocol(asyncio.Protocol):
+    """Drives one TLS-QKD connection on a TCP transport (client or server side).
+
+    ``open_connection`` and ``start_server`` use it; a program that manages its own connections (accept
+    caps, relays) can hand it to ``loop.create_server`` / ``loop.create_connection`` itself: once
+    ``on_established(protocol)`` runs, ``protocol.attach(app_protocol)`` gives ``app_protocol`` the
+    plaintext transport (:class:`QKDTransport`); ``on_failed(exc)`` reports a failed handshake.
+    """
 
     def __init__(
         self,
@@ -136,7 +146,7 @@ class _TLSProtocol(asyncio.Protocol):
         *,
         server_side: bool,
         handshake_timeout: float,
-        on_established: Callable[[_TLSProtocol], None],
+        on_established: Callable[[TLSProtocol], None],
         on_failed: Callable[[BaseException], None],
         server_hostname: str | None = None,
         target_sae_id: int | None = None,
@@ -180,14 +190,17 @@ class _TLSProtocol(asyncio.Protocol):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._prepared = prepared_offer
         self._lingering = False  # our close_notify is out; waiting (bounded) for the peer's end
+        self._eof_sent = False  # write_eof(): close_notify and FIN are out; the peer's data is still read
+        # write_eof()/close() while writes are held for a rekey: done once the held data has gone out.
+        self._deferred_end: Callable[[], None] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._admission: OfferAdmission | None = None  # server: the offer whose key the KME is asked for
 
     # -- TCP side ------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.raw = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio.Transport.
+        self.raw = cast(asyncio.Transport, transport)
         self._started = time.monotonic()
         self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_expired)
         if self.server_side:
@@ -534,6 +547,23 @@ class _TLSProtocol(asyncio.Protocol):
         self._bytes_since_rekey += len(data)
         self._maybe_rekey()
 
+    def write_eof(self) -> None:
+        """Half-close: close_notify and TCP FIN; reading goes on until the peer's close_notify."""
+        raw = self.raw
+        session = self.session
+        if raw is None or session is None or not session.established or self._failed is not None:
+            return
+        if self._eof_sent:
+            return
+        if self._holding:
+            self._deferred_end = self.write_eof
+            return
+        self._eof_sent = True
+        session.close()
+        self._flush()
+        if not raw.is_closing() and raw.can_write_eof():
+            raw.write_eof()
+
     def close_notify(self) -> None:
         """close_notify, then end TCP - after the peer's close_notify or end of stream (at most
         CLOSE_LINGER seconds), so what it still sends never meets a closed socket (a TCP reset)."""
@@ -541,12 +571,16 @@ class _TLSProtocol(asyncio.Protocol):
         session = self.session
         if raw is None:
             return
+        if self._holding and self._failed is None:
+            self._deferred_end = self.close_notify
+            return
         if session is not None and session.established and self._failed is None:
             session.close()
             self._flush()
             if not session.closed_by_peer and not raw.is_closing() and raw.can_write_eof():
                 self._lingering = True
-                raw.write_eof()
+                if not self._eof_sent:
+                    raw.write_eof()
                 self._linger_timer = self._loop.call_later(CLOSE_LINGER, self._end_linger)
                 self.update_reading()
                 return
@@ -566,6 +600,8 @@ class _TLSProtocol(asyncio.Protocol):
         ctx = self.context
         if self.server_side or self._rekeying or self._rekey_disabled or not self._done or self._failed:
             return
+        if self._eof_sent or self.app_transport._closing:
+            return  # nothing more is sent on this connection: no key is spent on it
         by_bytes = ctx.rekey_after_bytes is not None and self._bytes_since_rekey >= ctx.rekey_after_bytes
         by_time = (
             ctx.rekey_after_seconds is not None
@@ -591,6 +627,9 @@ class _TLSProtocol(asyncio.Protocol):
             session.send_data(b"".join(held))
             self._flush()
         self._update_app_writing()
+        end, self._deferred_end = self._deferred_end, None
+        if end is not None:
+            end()
 
     async def _rekey(self, target: int) -> None:
         try:
@@ -667,9 +706,9 @@ async def open_connection(
         except TimeoutError:
             raise QKDHandshakeTimeout(f"no key from the KME within {timeout:g} s") from None
     timeout = max(0.001, timeout - (time.monotonic() - started))
-    waiter: asyncio.Future[_TLSProtocol] = loop.create_future()
+    waiter: asyncio.Future[TLSProtocol] = loop.create_future()
 
-    def established(proto: _TLSProtocol) -> None:
+    def established(proto: TLSProtocol) -> None:
         if not waiter.done():
             waiter.set_result(proto)
 
@@ -677,8 +716,8 @@ async def open_connection(
         if not waiter.done():
             waiter.set_exception(exc)
 
-    def factory() -> _TLSProtocol:
-        return _TLSProtocol(
+    def factory() -> TLSProtocol:
+        return TLSProtocol(
             context,
             server_side=False,
             handshake_timeout=timeout,
@@ -724,7 +763,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     timeout = ssl_handshake_timeout or context.handshake_timeout
 
-    def established(proto: _TLSProtocol) -> None:
+    def established(proto: TLSProtocol) -> None:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         proto.attach(asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop))  # type: ignore[arg-type]
 
@@ -734,8 +773,8 @@ async def start_server(
             extra["alert"] = exc.alert_name
         _limited(logging.INFO, "TLS handshake failed", extra)
 
-    def factory() -> _TLSProtocol:
-        return _TLSProtocol(
+    def factory() -> TLSProtocol:
+        return TLSProtocol(
             context, server_side=True, handshake_timeout=timeout, on_established=established, on_failed=failed
         )
 
