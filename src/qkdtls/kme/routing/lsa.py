@@ -12,7 +12,7 @@ Wire format of ``POST /kme/v1/link-state`` (JSON)::
     {"version": 1, "adverts": [
       {"origin": 2, "seq": 1730000000123, "path": [2],
        "links": [{"peer": 1, "up": true, "stock_out_blocks": 4096, "stock_in_blocks": 4090}],
-       "saes": [2001]}]}
+       "saes": [2001], "name": "site B"}]}
 
 ``stock_out_blocks`` is what the origin draws on that link (its own direction), ``stock_in_blocks`` what
 the peer draws. Unknown fields are ignored (a newer KME may add some); everything else is checked here and
@@ -35,6 +35,7 @@ MAX_BATCH = 64  # adverts per request
 MAX_LINKS = 256  # links per advert
 MAX_SAES = 4096  # SAE IDs per advert
 MAX_PATH = 64  # KMEs an advert may travel through
+MAX_NAME = 128  # characters of the origin's nickname
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -90,19 +91,21 @@ class Advert:
     links: tuple[LinkState, ...]  # sorted by peer, one per peer
     saes: tuple[int, ...]  # sorted, distinct
     path: tuple[int, ...] = ()  # origin first, the sender last; empty until sent
+    name: str = ""  # the origin's nickname (for people: maps, logs)
 
     def same_content(self, other: Advert) -> bool:
-        """Same origin, seq, links and SAEs (the path says how it came, not what it says)."""
-        return (self.origin, self.seq, self.links, self.saes) == (
+        """Same origin, seq, links, SAEs and name (the path says how it came, not what it says)."""
+        return (self.origin, self.seq, self.links, self.saes, self.name) == (
             other.origin,
             other.seq,
             other.links,
             other.saes,
+            other.name,
         )
 
     def sent_by(self, kme_id: int) -> Advert:
         """This advert as ``kme_id`` sends it on (``kme_id`` appended to the path)."""
-        return Advert(self.origin, self.seq, self.links, self.saes, (*self.path, kme_id))
+        return Advert(self.origin, self.seq, self.links, self.saes, (*self.path, kme_id), self.name)
 
     def link(self, peer: int) -> LinkState | None:
         for link in self.links:
@@ -117,15 +120,26 @@ class Advert:
             "path": list(self.path),
             "links": [link.to_json() for link in self.links],
             "saes": list(self.saes),
+            "name": self.name,
         }
 
 
 def make_advert(
-    origin: int, seq: int, links: Iterable[LinkState], saes: Iterable[int], path: tuple[int, ...] = ()
+    origin: int,
+    seq: int,
+    links: Iterable[LinkState],
+    saes: Iterable[int],
+    path: tuple[int, ...] = (),
+    name: str = "",
 ) -> Advert:
     """An advert in canonical form (links sorted by peer, SAEs sorted); checks what the decoder checks."""
     advert = Advert(
-        origin, seq, tuple(sorted(links, key=lambda link: link.peer)), tuple(sorted(set(saes))), path
+        origin,
+        seq,
+        tuple(sorted(links, key=lambda link: link.peer)),
+        tuple(sorted(set(saes))),
+        path,
+        name[:MAX_NAME],
     )
     _check_links(advert.links, origin, "advert")
     if len(advert.saes) > MAX_SAES:
@@ -183,7 +197,10 @@ def decode_advert(doc: Any, where: str = "advert") -> Advert:
     path = _path(doc.get("path"), origin, where)
     links = _links(doc.get("links"), origin, where)
     saes = _saes(doc.get("saes"), where)
-    return Advert(origin, seq, links, saes, path)
+    name = doc.get("name", "")
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise MalformedAdvert(f"{where}.name must be a string of at most {MAX_NAME} characters")
+    return Advert(origin, seq, links, saes, path, name)
 
 
 def _int(doc: dict[str, Any], name: str, where: str, *, lo: int = _I64_MIN) -> int:

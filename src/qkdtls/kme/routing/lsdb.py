@@ -135,7 +135,12 @@ class LinkStateDb:
         self._seq_floor = max(self._seq_floor, known_seq + 1)
 
     def originate(
-        self, now: float, wall_ms: int, stocks: Mapping[int, tuple[int, int]], saes: Iterable[int]
+        self,
+        now: float,
+        wall_ms: int,
+        stocks: Mapping[int, tuple[int, int]],
+        saes: Iterable[int],
+        name: str = "",
     ) -> Advert | None:
         """This KME's advert with a new ``seq`` when its content changed or a refresh is due, else None.
 
@@ -148,11 +153,11 @@ class LinkStateDb:
         entry = self._entries.get(self.me)
         previous = entry.advert if entry is not None else None
         seq = max(wall_ms, self._seq_floor, previous.seq + 1 if previous is not None else 0)
-        advert = make_advert(self.me, seq, links, saes)
+        advert = make_advert(self.me, seq, links, saes, name=name)
         if (
             previous is not None
             and entry is not None
-            and (previous.links, previous.saes) == (advert.links, advert.saes)
+            and (previous.links, previous.saes, previous.name) == (advert.links, advert.saes, advert.name)
             and now - entry.installed_at < self.timers.refresh_interval
             and previous.seq >= self._seq_floor
         ):

@@ -152,6 +152,11 @@ class Router:
             graph, self.kme_id, dst_kme, n, need_blocks=need_blocks, max_hops=self.max_hops
         )
 
+    def stock(self, a: int, b: int) -> int | None:
+        """Free blocks KME ``a`` may draw towards ``b`` as advertised (the lower of both ends' views), or
+        None when the link is not usable now."""
+        return self.graph().get(a, {}).get(b)
+
     def usable(self, path: Sequence[int]) -> bool:
         """Every link of ``path`` is up now (it starts here, repeats no KME, has at most max_hops links)."""
         path = tuple(path)
@@ -211,14 +216,15 @@ class Router:
             advert = db.advert(origin, now)
             assert advert is not None
             age = db.age(origin, now)
-            nodes.append(
-                {
-                    "kme_id": origin,
-                    "up": origin in reach,
-                    "saes": list(advert.saes),
-                    "age_s": round(age, 3) if age is not None else None,
-                }
-            )
+            node: dict[str, Any] = {
+                "kme_id": origin,
+                "up": origin in reach,
+                "saes": list(advert.saes),
+                "age_s": round(age, 3) if age is not None else None,
+            }
+            if advert.name:
+                node["name"] = advert.name
+            nodes.append(node)
         known = {node["kme_id"] for node in nodes}
         for link in db.links(now):
             for end in (link.a, link.b):
