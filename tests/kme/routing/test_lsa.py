@@ -30,6 +30,7 @@ def _advert(**changes: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "origin": 2,
         "seq": 1730000000123,
+        "boot": 1730000000001,
         "path": [2],
         "links": [{"peer": 1, "up": True, "stock_out_blocks": 4096, "stock_in_blocks": 4090}],
         "saes": [2001],
@@ -50,6 +51,7 @@ def test_round_trip_is_canonical() -> None:
         [2002, 2001],
         path=(2,),
         name="site B",
+        boot=3,
     )
     assert [link.peer for link in advert.links] == [1, 3] and advert.saes == (2001, 2002)
     (decoded,) = decode_batch(encode_batch([advert]))
@@ -85,6 +87,8 @@ def test_unknown_fields_are_ignored() -> None:
         (_body(_advert(origin=2**63)), MalformedAdvert, "adverts[0].origin"),
         (_body(_advert(seq=-1)), MalformedAdvert, "adverts[0].seq"),
         (_body(_advert(seq=True)), MalformedAdvert, "adverts[0].seq"),
+        (_body(_advert(boot=1730000000124)), MalformedAdvert, "boot must not exceed seq"),
+        (_body(_advert(boot=None)), MalformedAdvert, "adverts[0].boot"),
         (_body(_advert(path=[])), MalformedAdvert, "path must be a non-empty"),
         (_body(_advert(path=[3])), MalformedAdvert, "start with the origin"),
         (_body(_advert(path=[2, 1.5])), MalformedAdvert, "64-bit KME IDs"),
@@ -124,7 +128,19 @@ _json_values = st.recursive(
     max_leaves=20,
 )
 _fields = st.sampled_from(
-    ["origin", "seq", "path", "links", "saes", "name", "peer", "up", "stock_out_blocks", "stock_in_blocks"]
+    [
+        "origin",
+        "seq",
+        "boot",
+        "path",
+        "links",
+        "saes",
+        "name",
+        "peer",
+        "up",
+        "stock_out_blocks",
+        "stock_in_blocks",
+    ]
 )
 
 
