@@ -127,6 +127,7 @@ class LinkStateExchange:
         self._buckets: dict[int, TokenBucket] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._limited = LogLimiter(log)
+        self._up: set[int] = set()  # peers up at the last tick (for the peer_down log)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -135,12 +136,14 @@ class LinkStateExchange:
 
     async def start(self) -> None:
         """Originate the first advert (before the listeners answer) and start the timer and the senders."""
+        if not self.enabled:
+            return
         await self._read_stock()
         self._originate()
         self._tasks.append(asyncio.create_task(self._tick(), name="kme-link-state"))
-        if self.enabled:
-            for peer_id, outbox in sorted(self._outboxes.items()):
-                self._tasks.append(asyncio.create_task(self._send(outbox), name=f"kme-link-state-{peer_id}"))
+        for peer_id, outbox in sorted(self._outboxes.items()):
+            outbox.wake.set()  # the first hello at once: a peer already running learns of us now
+            self._tasks.append(asyncio.create_task(self._send(outbox), name=f"kme-link-state-{peer_id}"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -164,12 +167,23 @@ class LinkStateExchange:
                     log.info("adverts expired", extra={"event": "routing.expired", "origins": list(gone)})
                 await self._read_stock()
                 self._originate()
+                self._log_liveness()
                 for outbox in self._outboxes.values():
                     outbox.wake.set()  # the hello: our own advert goes with every request, new or not
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("link-state timer failed", extra={"event": "routing.tick_failed"})
+
+    def _log_liveness(self) -> None:
+        now = self._clock()
+        up = {n for n in self.db.neighbours if self.db.neighbour_up(n, now)}
+        for peer_id in sorted(self._up - up):
+            log.warning(
+                "peer KME down: nothing heard within dead_interval",
+                extra={"event": "routing.peer_down", "peer_KME_ID": peer_id},
+            )
+        self._up = up
 
     async def _read_stock(self) -> None:
         try:
@@ -322,6 +336,7 @@ class LinkStateExchange:
                 outbox.queue(adverts_out)
         if accepted.came_up:
             log.info("peer KME up", extra={"event": "routing.peer_up", "peer_KME_ID": caller})
+            self._up.add(caller)
             self._originate()  # our link to it is up now
             outbox = self._outboxes.get(caller)
             if outbox is not None:
