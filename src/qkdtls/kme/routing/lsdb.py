@@ -297,6 +297,16 @@ class LinkStateDb:
                 out.setdefault(origin, {})[link.peer] = min(ab.stock_out_blocks, ba.stock_in_blocks)
         return out
 
+    def valid_until(self, now: float) -> float:
+        """Until when ``graph`` stays what it is now, unless the database or a neighbour's liveness changes:
+        the first moment an advert held passes ``max_age``."""
+        ages = [
+            e.installed_at
+            for o, e in self._entries.items()
+            if o != self.me and now - e.installed_at <= self.timers.max_age
+        ]
+        return min(ages, default=now + self.timers.max_age) + self.timers.max_age
+
     def origins(self, now: float) -> list[int]:
         return sorted(o for o in self._entries if self.advert(o, now) is not None)
 
