@@ -1,13 +1,18 @@
-"""A two-site QKD testbed on loopback: PKI, configuration files, key folders and two KME processes.
+"""A QKD testbed on loopback: PKI, configuration files, key folders and one KME process per site.
 
-Site A runs KME 1 with SAEs 1001 and 1002, site B runs KME 2 with SAE 2001 (by default). KME 1 and KME 2
-share a QKD link whose two key folders receive byte-identical files; each KME also has a local link for SAE
-pairs on the same site. The KMEs run as subprocesses (``qkdtls kme serve``) so they can be killed
+By default two sites: site A runs KME 1 with SAEs 1001 and 1002, site B runs KME 2 with SAE 2001. KME 1 and
+KME 2 share a QKD link whose two key folders receive byte-identical files; each KME also has a local link for
+SAE pairs on the same site. The KMEs run as subprocesses (``qkdtls kme serve``) so they can be killed
 and restarted like real ones. Everything listens on 127.0.0.1 only.
 
     with Testbed.create(tmp_path) as tb:
         cert, key, ca = tb.sae_credentials(1001)
         url = tb.sae_url(1)
+
+Networks of N sites: give the SAEs per site and the links (``chain(4)`` is 1-2, 2-3, 3-4), and TOML tables
+to merge into every configuration (``kme_config``) or into one site's (``site_config``):
+
+    Testbed.create(tmp_path, saes=sites_saes(4), links=chain(4), kme_config={"network": {...}})
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,26 @@ _PORT_RANGE = (20000, 32000)
 # Ports handed out by this process: a port is free until its KME binds it, so two draws in a row (the four
 # ports of one testbed, say) could otherwise return the same one.
 _HANDED_OUT: set[int] = set()
+
+
+def sites_saes(count: int) -> dict[int, tuple[int, ...]]:
+    """KMEs 1..count with one SAE each: KME k has SAE 1000*k + 1."""
+    return {k: (1000 * k + 1,) for k in range(1, count + 1)}
+
+
+def chain(count: int) -> list[tuple[int, int]]:
+    """The links of a chain of KMEs 1..count: 1-2, 2-3, ..."""
+    return [(k, k + 1) for k in range(1, count)]
+
+
+def ring(count: int) -> list[tuple[int, int]]:
+    """The links of a ring of KMEs 1..count: the chain and count-1."""
+    return [*chain(count), (1, count)] if count > 2 else chain(count)
+
+
+def site_name(index: int, kme_id: int) -> str:
+    """``site A``, ``site B``, ... by position (``site <KME ID>`` past Z)."""
+    return f"site {chr(ord('A') + index)}" if index < 26 else f"site {kme_id}"
 
 
 def free_port() -> int:
@@ -126,6 +151,7 @@ class Testbed:
         *,
         store: str | Mapping[int, str] = "sqlite",
         saes: Mapping[int, Sequence[int]] = DEFAULT_SAES,
+        links: Sequence[tuple[int, int]] | None = None,
         initial_key_bytes: int = 1 << 20,
         local_key_bytes: int | None = None,
         block_size: int = 32,
@@ -138,6 +164,8 @@ class Testbed:
         key_type: str = "ec-p256",
         verbosity: int = 0,
         event_loop: str = "auto",
+        kme_config: Mapping[str, Any] | None = None,
+        site_config: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> Testbed:
         """Write PKI, configs and key folders under ``root`` (nothing runs until :meth:`start`).
 
@@ -146,20 +174,33 @@ class Testbed:
         as ``max_key_per_request`` or ``reservation_ttl``; ``sae_interface``: extra ``[sae_interface]``
         settings (connection caps). ``local_key_bytes`` defaults to ``initial_key_bytes``. The files are
         written by :func:`qkdtls.provision.provision`.
+
+        ``saes``: KME ID -> its SAE IDs, one site per KME (named site A, B, ... in this order); ``links``:
+        the QKD links (default: the one link of two sites; required for more). ``initial_key_bytes`` go
+        to every link, ``local_key_bytes`` to every local link. ``kme_config`` / ``site_config``: TOML
+        tables merged into every configuration / into one KME's (:func:`qkdtls.provision.merge_tables`).
         """
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        if sorted(saes) != [1, 2]:
-            raise TestbedError("the testbed has exactly two KMEs, IDs 1 and 2")
+        if links is None:
+            if len(saes) != 2:
+                raise TestbedError(f"{len(saes)} sites: say which pairs share a QKD link (links=...)")
+            first, second = saes
+            links = [(first, second)]
+        site_config = site_config or {}
+        unknown = sorted(set(site_config) - set(saes))
+        if unknown:
+            raise TestbedError(f"site_config names KME {unknown[0]}, which is not one of the sites")
         sites = [
             Site(
                 kme_id=k,
                 saes={s: 0x5AE0_0000_0000 + s for s in ids},
-                nickname="site " + ("A" if k == 1 else "B"),
+                nickname=site_name(i, k),
                 sae_port=free_port(),
                 inter_kme_port=free_port(),
+                extra=dict(site_config.get(k, {})),
             )
-            for k, ids in saes.items()
+            for i, (k, ids) in enumerate(saes.items())
         ]
         settings = KmeSettings(
             store=store,
@@ -170,9 +211,10 @@ class Testbed:
             peer_timeout=peer_timeout,
             sweep_interval=sweep_interval,
             ingest_interval=ingest_interval,
+            extra=dict(kme_config or {}),
         )
         try:
-            network = provision(root, sites, [(1, 2)], settings, key_type=key_type)
+            network = provision(root, sites, links, settings, key_type=key_type)
         except ValueError as exc:
             raise TestbedError(str(exc)) from None
         kmes = {
@@ -198,11 +240,13 @@ class Testbed:
         bed.links = {link: _LinkFolders(folders) for link, folders in network.folders.items()}
 
         if initial_key_bytes:
-            bed.add_key_material(initial_key_bytes)
+            for link in network.links:
+                bed.add_key_material(initial_key_bytes, link=link)
         local = initial_key_bytes if local_key_bytes is None else local_key_bytes
         if local:
-            bed.add_key_material(local, link=(1, 1))
-            bed.add_key_material(local, link=(2, 2))
+            for kme_id in kmes:
+                if (kme_id, kme_id) in bed.links:
+                    bed.add_key_material(local, link=(kme_id, kme_id))
         return bed
 
     # --- key material --------------------------------------------------------------------------------------
@@ -213,8 +257,12 @@ class Testbed:
         """Write one new key file with identical bytes into every folder of ``link``; returns the bytes.
 
         Follows the folder rule of docs/design.md: written under a ``.part`` name, then renamed to ``*.key``.
+        ``link=(k, k)`` is KME k's local link.
         """
-        folders = self.links[(min(link), max(link))]
+        pair = (min(link), max(link))
+        if pair not in self.links:
+            raise TestbedError(f"no link {pair[0]}-{pair[1]} in this testbed")
+        folders = self.links[pair]
         payload = secrets.token_bytes(nbytes) if data is None else data
         folders.sequence = max(folders.sequence, *(self._last_sequence(f) for f in folders.folders)) + 1
         name = f"{folders.sequence:09d}.key"
@@ -242,30 +290,51 @@ class Testbed:
             "--event-loop", self.event_loop,
         ]  # fmt: skip
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
+    def start(
+        self,
+        timeout: float = START_TIMEOUT,
+        *,
+        on_ready: Callable[[int], None] | None = None,
+        redraw_ports: bool = True,
+    ) -> None:
         """Start every KME that is not running and wait until all listen; on failure stop them all.
 
+        ``on_ready(kme_id)`` is called as each KME reports ready (in the order they do).
         Ports are chosen before the KMEs bind them, so another process may take one in between: when a KME
         exits because its port is in use and nothing ran yet, every port is drawn again, the configurations
-        are rewritten and the KMEs started again (a few times)."""
+        are rewritten and the KMEs started again (a few times; not with ``redraw_ports=False``)."""
         fresh = not any(kme.running for kme in self.kmes.values())
         for attempt in range(PORT_ATTEMPTS):
             try:
-                for kme_id in self.kmes:
-                    if not self.kmes[kme_id].running:
-                        self._spawn(kme_id)
-                deadline = time.monotonic() + timeout
-                for kme_id in self.kmes:
-                    self._wait_ready(kme_id, deadline)
+                pending = [kme_id for kme_id in self.kmes if not self.kmes[kme_id].running]
+                for kme_id in pending:
+                    self._spawn(kme_id)
+                self._wait_all(pending, time.monotonic() + timeout, on_ready)
                 return
             except _PortTaken:
                 self.stop()
-                if not fresh or attempt == PORT_ATTEMPTS - 1 or self.network is None:
+                if not (fresh and redraw_ports) or attempt == PORT_ATTEMPTS - 1 or self.network is None:
                     raise
                 self._new_ports()
             except BaseException:
                 self.stop()
                 raise
+
+    def _wait_all(
+        self, kme_ids: Sequence[int], deadline: float, on_ready: Callable[[int], None] | None
+    ) -> None:
+        pending = list(kme_ids)
+        started = time.monotonic()
+        while pending:
+            for kme_id in list(pending):
+                if self._is_ready(kme_id, started):
+                    pending.remove(kme_id)
+                    if on_ready is not None:
+                        on_ready(kme_id)
+            if pending and time.monotonic() > deadline:
+                raise self._not_ready(pending[0], time.monotonic() - started)
+            if pending:
+                time.sleep(0.02)
 
     def _new_ports(self) -> None:
         assert self.network is not None
@@ -301,31 +370,37 @@ class Testbed:
             )
 
     def _wait_ready(self, kme_id: int, deadline: float) -> None:
+        started = time.monotonic()
+        while not self._is_ready(kme_id, started):
+            if time.monotonic() > deadline:
+                raise self._not_ready(kme_id, time.monotonic() - started)
+            time.sleep(0.02)
+
+    def _not_ready(self, kme_id: int, seconds: float) -> TestbedError:
+        kme = self.kmes[kme_id]
+        pid = kme.proc.pid if kme.proc is not None else None
+        return TestbedError(
+            f"KME {kme_id} (pid {pid}, still running) wrote no ready file {kme.ready_file} within "
+            f"{seconds:.1f} s; log {kme.log}:\n{self.log_tail(kme_id)}"
+        )
+
+    def _is_ready(self, kme_id: int, started: float) -> bool:
+        """Whether the KME wrote its ready file; raises (naming it, its exit code and log) if it exited."""
         kme = self.kmes[kme_id]
         assert kme.proc is not None
-        started = time.monotonic()
-        while True:
-            if kme.proc.poll() is not None:
-                tail = self.log_tail(kme_id)
-                error = _PortTaken if "address already in use" in tail.lower() else TestbedError
-                raise error(
-                    f"KME {kme_id} exited with {kme.proc.returncode} (exit code of "
-                    f"{' '.join(self.command(kme_id)[1:])}) after {time.monotonic() - started:.1f} s; "
-                    f"log {kme.log}:\n{tail}"
-                )
-            try:
-                doc = json.loads(kme.ready_file.read_text())
-                if doc.get("pid") == kme.proc.pid:
-                    return
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TestbedError(
-                    f"KME {kme_id} (pid {kme.proc.pid}, still running) wrote no ready file "
-                    f"{kme.ready_file} within {time.monotonic() - started:.1f} s; log {kme.log}:\n"
-                    f"{self.log_tail(kme_id)}"
-                )
-            time.sleep(0.02)
+        if kme.proc.poll() is not None:
+            tail = self.log_tail(kme_id)
+            error = _PortTaken if "address already in use" in tail.lower() else TestbedError
+            raise error(
+                f"KME {kme_id} exited with {kme.proc.returncode} (exit code of "
+                f"{' '.join(self.command(kme_id)[1:])}) after {time.monotonic() - started:.1f} s; "
+                f"log {kme.log}:\n{tail}"
+            )
+        try:
+            doc = json.loads(kme.ready_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("pid") == kme.proc.pid
 
     def log_tail(self, kme_id: int, lines: int = 40) -> str:
         try:

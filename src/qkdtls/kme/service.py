@@ -180,7 +180,7 @@ class KmeService:
         saes: Mapping[int, SaeEntry],
         peers: PeerGateway | None,
         linked_kmes: Collection[int],
-        router: Router | None = None,
+        router: Router | None = None,  # qkdtls.kme.routing.Router; None: direct links only
     ) -> None:
         self.settings = settings
         self.store = store

@@ -46,6 +46,7 @@ class StaticRouter:
             self.adj.setdefault(b, set()).add(a)
         self.sae_kmes = sae_kmes
         self.down: set[frozenset[int]] = set()
+        self.max_hops = 8
 
     def kme_of(self, sae_id: int) -> int | None:
         return self.sae_kmes.get(sae_id)

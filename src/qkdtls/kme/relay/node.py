@@ -54,7 +54,7 @@ from qkdtls.kme.relay.messages import (
     decode_message,
 )
 from qkdtls.kme.relay.otp import TAG_BYTES
-from qkdtls.kme.relay.policy import RelayChoice, RelaySettings
+from qkdtls.kme.relay.policy import DEFAULT_MAX_HOPS, RelayChoice, RelaySettings
 from qkdtls.kme.relay.stats import RelayStats
 from qkdtls.kme.store import (
     DELIVERED,
@@ -105,7 +105,7 @@ class RelayTransport(Protocol):
 
 
 class Router(Protocol):
-    """What the relay needs of ``qkdtls.kme.routing.Router``."""
+    """What the relay needs of ``qkdtls.kme.routing.Router`` (and its ``max_hops``, if it has one)."""
 
     def kme_of(self, sae_id: int) -> int | None: ...
     def path(self, dst_kme: int, *, need_blocks: int = 0) -> tuple[int, ...] | None: ...
@@ -115,6 +115,8 @@ class Router(Protocol):
 
 class DirectLinks:
     """The router of a KME without routing: a destination is reachable only over a direct link."""
+
+    max_hops = DEFAULT_MAX_HOPS
 
     def __init__(self, kme_id: int, neighbours: frozenset[int]) -> None:
         self.kme_id = kme_id
@@ -203,6 +205,8 @@ class RelayNode:
         self.store = store
         self.transport = transport
         self.router = router
+        # The bound on path length is the network's ([network] max_hops): every KME checks the same one.
+        self.max_hops = int(getattr(router, "max_hops", DEFAULT_MAX_HOPS))
         self.neighbours = neighbours
         self.check_destination = check_destination
         self.faults = faults or Faults()
@@ -221,7 +225,7 @@ class RelayNode:
     def _checked(self, path: Sequence[int] | None, destination: int) -> tuple[int, ...] | None:
         if path is None or len(path) < 2 or path[0] != self.kme_id or path[-1] != destination:
             return None
-        if len(set(path)) != len(path) or len(path) - 1 > self.settings.max_hops:
+        if len(set(path)) != len(path) or len(path) - 1 > self.max_hops:
             return None
         if path[1] not in self.neighbours or not self.router.usable(path):
             return None
@@ -244,9 +248,7 @@ class RelayNode:
             choice = choice.trusted()
         path = self._checked(self.router.path(destination, need_blocks=need), destination)
         if path is None:
-            raise RelayFailed(
-                f"no path to KME {destination} (within {self.settings.max_hops} hops)", "no_path"
-            )
+            raise RelayFailed(f"no path to KME {destination} (within {self.max_hops} hops)", "no_path")
         return Plan(destination, choice, (path,))
 
     # -- origin ----------------------------------------------------------------------------------------------
@@ -521,7 +523,7 @@ class RelayNode:
                 caller,
                 self.kme_id,
                 neighbours=self.neighbours,
-                max_hops=self.settings.max_hops,
+                max_hops=self.max_hops,
                 block_size=self.block_size,
             )
             destinations = {

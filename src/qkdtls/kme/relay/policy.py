@@ -32,6 +32,7 @@ EXT_THRESHOLD = "qkdtls_relay_threshold"
 EXTENSIONS = frozenset({EXT_MODE, EXT_PATHS, EXT_THRESHOLD})
 MODES = ("trusted", "spread")
 MAX_PATHS = 16
+# Without a router (direct links only); with one, its ``max_hops`` ([network] max_hops) bounds every path.
 DEFAULT_MAX_HOPS = 8
 DEFAULT_TIMEOUT = 10.0
 
@@ -62,7 +63,6 @@ class RelayPolicy:
 class RelaySettings:
     default: RelayPolicy = field(default_factory=RelayPolicy)
     destinations: Mapping[int, RelayPolicy] = field(default_factory=dict)
-    max_hops: int = DEFAULT_MAX_HOPS
     # Bound on one relay, from the master's enc_keys to the answer from the last hop.
     timeout: float = DEFAULT_TIMEOUT
 
@@ -173,7 +173,6 @@ def parse_relay(r: _Table | None) -> RelaySettings:
     if r is None:
         return RelaySettings()
     default = _policy(r, RelayPolicy())
-    max_hops = r.integer("max_hops", DEFAULT_MAX_HOPS, lo=1, hi=32)
     timeout = r.number("timeout", DEFAULT_TIMEOUT, hi=300.0)
     destinations: dict[int, RelayPolicy] = {}
     for d in r.tables("destinations"):
@@ -183,4 +182,4 @@ def parse_relay(r: _Table | None) -> RelaySettings:
         destinations[kme_id] = _policy(d, default)
         d.finish()
     r.finish()
-    return RelaySettings(default=default, destinations=destinations, max_hops=max_hops, timeout=timeout)
+    return RelaySettings(default=default, destinations=destinations, timeout=timeout)
