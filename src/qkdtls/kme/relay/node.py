@@ -55,6 +55,7 @@ from qkdtls.kme.relay.messages import (
 )
 from qkdtls.kme.relay.otp import TAG_BYTES
 from qkdtls.kme.relay.policy import DEFAULT_MAX_HOPS, RelayChoice, RelaySettings
+from qkdtls.kme.relay.pool import SpentPool
 from qkdtls.kme.relay.stats import RelayStats
 from qkdtls.kme.store import (
     DELIVERED,
@@ -79,7 +80,7 @@ log = logging.getLogger("qkdtls.kme.relay")
 MAX_ITEMS = 64
 MAX_MESSAGE_BYTES = 1 << 20
 # Hop messages on the wire at once per (neighbour, mode) from one origin; later items queue for the next.
-MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = 2
 # What a hop keeps for itself of the time budget it was given, so its answer arrives before the caller's
 # timeout: 5 % of it, at least this many seconds.
 MIN_MARGIN = 0.02
@@ -165,13 +166,15 @@ class Plan:
 
 @dataclass(slots=True, repr=False)
 class _Entry:
-    """An item waiting in an outbox: blocks form (its blocks held by the request) or a value to pad."""
+    """An item waiting in an outbox: blocks form (``blocks``: taken from the link's pool, already deleted
+    from the store) or a value to send under a pad."""
 
     item: RelayItem
     value: bytes | None
+    blocks: list[Block]
     deadline: float
     future: asyncio.Future[ItemResult]
-    claimed: bool = False  # taken into a batch: the outbox spends or releases its blocks
+    claimed: bool = False  # taken into a batch: the outbox sends its blocks or gives them back
 
 
 @dataclass(slots=True)
@@ -212,7 +215,8 @@ class RelayNode:
         self.faults = faults or Faults()
         self.ledger = ledger if ledger is not None else Ledger(kme_id)
         self.stats = RelayStats(kme_id)
-        self._outboxes: dict[tuple[int, str], _Outbox] = {}
+        self._outboxes: dict[tuple[tuple[int, ...], str], _Outbox] = {}
+        self._pools: dict[int, SpentPool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -267,16 +271,16 @@ class RelayNode:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout
         nbytes = size // 8
-        held: list[tuple[int, list[Block]]] = []
+        taken: list[tuple[int, list[Block]]] = []
         try:
-            key, specs = await self._material(plans, number, size, held)
+            key, specs = await self._material(plans, number, size, taken)
         except BaseException:
-            for link, blocks in held:
-                await _release(self.store, link, [b.seq for b in blocks])
+            for link, blocks in taken:  # named in nothing sent yet: back to the pool, not burnt
+                self._pool(link).give_back(blocks)
             raise
         key_ids = tuple(make_id(key[i * nbytes : (i + 1) * nbytes]) for i in range(number))
-        # From here on each entry owns its blocks: the origin releases them until an outbox claims the entry,
-        # the outbox after that (it spends them, or releases them if it fails before spending).
+        # From here on each entry owns its blocks: the origin gives them back until an outbox claims the
+        # entry, the outbox after that (it sends them, or gives them back if it fails before sending).
         entries: list[tuple[Plan, _Entry]] = []
         for plan, index, share, blocks, value in specs:
             item = RelayItem(
@@ -290,7 +294,7 @@ class RelayNode:
                 share=share,
                 blocks=tuple(b.seq for b in blocks) if blocks else (),
             )
-            entries.append((plan, _Entry(item, value, deadline, loop.create_future())))
+            entries.append((plan, _Entry(item, value, blocks or [], deadline, loop.create_future())))
         try:
             for _, entry in entries:
                 self._submit(entry)
@@ -305,8 +309,8 @@ class RelayNode:
             for _, entry in entries:
                 if not entry.future.done():
                     entry.future.cancel()
-                if not entry.claimed and entry.item.blocks:
-                    await _release(self.store, entry.item.path[1], list(entry.item.blocks))
+                if not entry.claimed and entry.blocks:
+                    self._pool(entry.item.path[1]).give_back(entry.blocks)
         failure = self._verdict(plans, [plan for plan, _ in entries], results)
         for plan in plans:
             self.stats.relay(plan.choice.mode, failure is None, plan.paths, number)
@@ -316,7 +320,7 @@ class RelayNode:
         return [(key_ids[i], key[i * nbytes : (i + 1) * nbytes]) for i in range(number)]
 
     async def _material(
-        self, plans: Sequence[Plan], number: int, size: int, held: list[tuple[int, list[Block]]]
+        self, plans: Sequence[Plan], number: int, size: int, taken: list[tuple[int, list[Block]]]
     ) -> tuple[bytes, list[tuple[Plan, int, Share | None, list[Block] | None, bytes | None]]]:
         """The keys (concatenated) and, per path, what its first hop carries: (plan, path index, share,
         blocks of the first link | None, value to send under a pad | None).
@@ -331,10 +335,12 @@ class RelayNode:
 
         async def hold(link: int) -> tuple[list[Block], bytes]:
             try:
-                blocks = await self.store.hold_blocks(link, sender_direction(self.kme_id, link), number * bpk)
+                blocks = await self._pool(link).take(number * bpk)
             except ShortStock:
                 raise RelayFailed(f"not enough key material on the link to KME {link}", "stock") from None
-            held.append((link, blocks))
+            except StoreError:
+                raise RelayFailed("key store unavailable") from None
+            taken.append((link, blocks))
             per_key = [
                 b"".join(b.data for b in blocks[i * bpk : (i + 1) * bpk])[:nbytes] for i in range(number)
             ]
@@ -389,20 +395,31 @@ class RelayNode:
 
     # -- outboxes (origin) ---------------------------------------------------------------------------------
 
+    def _pool(self, peer: int) -> SpentPool:
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = self._pools[peer] = SpentPool(
+                self.store, peer, sender_direction(self.kme_id, peer), self.ledger
+            )
+        return pool
+
     def _submit(self, entry: _Entry) -> None:
         if self._closed:
             entry.future.set_result(ItemResult(503, "the KME is shutting down"))
             return
         peer = entry.item.path[1]
-        box = self._outboxes.setdefault((peer, entry.item.mode), _Outbox())
+        key = (entry.item.path, entry.item.mode)
+        box = self._outboxes.setdefault(key, _Outbox())
         box.waiting.append(entry)
         if box.senders < MAX_IN_FLIGHT:
             box.senders += 1
-            task = asyncio.get_running_loop().create_task(self._drain(peer, box), name=f"kme-relay-{peer}")
+            task = asyncio.get_running_loop().create_task(
+                self._drain(peer, key, box), name=f"kme-relay-{peer}"
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _drain(self, peer: int, box: _Outbox) -> None:
+    async def _drain(self, peer: int, key: tuple[tuple[int, ...], str], box: _Outbox) -> None:
         try:
             await asyncio.sleep(0)  # let the items of this loop iteration join the batch
             while box.waiting:
@@ -430,6 +447,8 @@ class RelayNode:
                         entry.future.set_result(result)
         finally:
             box.senders -= 1
+            if not box.senders and not box.waiting and self._outboxes.get(key) is box:
+                del self._outboxes[key]
 
     async def _send_batch(self, peer: int, batch: list[_Entry]) -> list[ItemResult]:
         loop = asyncio.get_running_loop()
@@ -438,20 +457,15 @@ class RelayNode:
         pads = [pad_block_count(e.item, bs) if e.value is not None else 0 for e in batch]
         mac_count = mac_block_count(bs)
         named = [seq for e in batch for seq in e.item.blocks]
+        pool = self._pool(peer)
         try:
-            fresh = await self.store.hold_blocks(
-                peer, sender_direction(self.kme_id, peer), mac_count + sum(pads)
-            )
-        except (ShortStock, StoreError) as exc:
-            await _release(self.store, peer, named)
+            # Burn before send: the pool's blocks were deleted durably before it handed them out.
+            fresh = await pool.take(mac_count + sum(pads))
+        except (ShortStock, StoreError, RuntimeError) as exc:
+            for entry in batch:
+                pool.give_back(entry.blocks)
             if isinstance(exc, ShortStock):
                 return _whole(503, f"not enough key material on the link to KME {peer}", len(batch))
-            return _whole(503, "key store unavailable", len(batch))
-        try:
-            # Burn before send: committed before anything made with these blocks leaves the process.
-            await self.store.spend_held({peer: [b.seq for b in fresh] + named})
-        except StoreError:
-            await _release(self.store, peer, [b.seq for b in fresh] + named)
             return _whole(503, "key store unavailable", len(batch))
         mac, rest = fresh[:mac_count], fresh[mac_count:]
         items = []
@@ -462,7 +476,7 @@ class RelayNode:
             else:
                 items.append(with_pad(entry.item, entry.value, rest[offset : offset + count]))
                 offset += count
-        self._account(peer, mode, mac, rest, named)
+        self._account(peer, mode, mac, rest, named, ledger=False)  # the pool wrote the ledger at its refill
         self.faults.hit("relay-kill-after-spend")
         budget = min(e.deadline for e in batch) - loop.time()
         if budget <= 0:
@@ -471,13 +485,20 @@ class RelayNode:
         return await self._exchange(peer, sealed.body, sealed.tag, sealed.answer_key, len(items), budget)
 
     def _account(
-        self, peer: int, mode: str, mac: Sequence[Block], pads: Sequence[Block], keys: Sequence[int]
+        self,
+        peer: int,
+        mode: str,
+        mac: Sequence[Block],
+        pads: Sequence[Block],
+        keys: Sequence[int],
+        *,
+        ledger: bool = True,
     ) -> None:
         bs = self.block_size
         self.stats.consume(peer, "mac", mode, len(mac) * bs)
         self.stats.consume(peer, "pad", mode, len(pads) * bs)
         self.stats.consume(peer, "key", mode, len(keys) * bs)
-        if self.ledger:
+        if ledger and self.ledger:
             self.ledger.spent(
                 [(peer, "mac", b.seq) for b in mac]
                 + [(peer, "pad", b.seq) for b in pads]
@@ -701,6 +722,8 @@ class RelayNode:
                 if not entry.future.done():
                     entry.future.set_result(ItemResult(503, "the KME is shutting down"))
             box.waiting.clear()
+        for pool in self._pools.values():
+            await pool.close()
         self.ledger.close()
 
 
