@@ -143,3 +143,22 @@ def test_without_the_exchange_only_peers_and_static_routes_are_known() -> None:
     json.dumps(snap)
     assert [(n["kme_id"], n["up"]) for n in snap["nodes"]] == [(1, True), (2, None), (5, None)]
     assert snap["links"][0] == {"a": 1, "b": 2, "up": None, "stock_blocks": {"1->2": None, "2->1": None}}
+
+
+def test_cached_answers_follow_time_and_changes() -> None:
+    router, db, clock = _ring5_router()
+    links = {2: [LinkState(1, True, PLENTY, PLENTY), LinkState(3, True, PLENTY, PLENTY)],
+             5: [LinkState(1, True, PLENTY, PLENTY), LinkState(4, True, PLENTY, PLENTY)]}  # fmt: skip
+    for t in range(1, 61):  # 2 and 5 say hello every second (a new advert at 30 only); 3 and 4 fall silent
+        clock.now = float(t)
+        for n in (2, 5):
+            _hello(db, n, clock, links[n], WALL0 + (30 if t >= 30 else 1))
+        if t == 59:
+            version = db.version
+            assert router.path(3) == (1, 2, 3) and router.path(3) is router.path(3)  # cached
+    assert db.version == version  # nothing installed since 30: only time moved
+    clock.now = 60.5  # the adverts of 3 and 4 (installed at 0) are past max_age: no longer believed
+    assert router.path(3) is None and router.path(4) is None and router.path(2) == (1, 2)
+    assert [(n["kme_id"], n["up"]) for n in router.snapshot()["nodes"]] == [
+        (1, True), (2, True), (3, False), (4, False), (5, True)
+    ]  # fmt: skip

@@ -22,6 +22,7 @@ log = logging.getLogger("qkdtls.kme.routing")
 # that no request is refused for it; the relay finds out.
 UNKNOWN_STOCK = 1 << 62
 _MAX_CONFLICTS_LOGGED = 256
+_MAX_CACHED = 4096  # path answers kept per graph
 
 
 class Router:
@@ -47,6 +48,12 @@ class Router:
         for route in self.settings.routes:
             self._routes.setdefault(route.destination, []).append(route.path)
         self._conflicts: set[tuple[int, int]] = set()
+        # The graph and the paths computed on it, until the database or a peer's liveness changes (or an
+        # advert would expire): the service asks for a path on every relayed request.
+        self._graph: paths.Graph = self._own_links() if db is None else {}
+        self._graph_key: tuple[int, frozenset[int]] | None = None
+        self._graph_until = 0.0
+        self._answers: dict[tuple[Any, ...], Any] = {}
 
     @property
     def max_hops(self) -> int:
@@ -59,10 +66,25 @@ class Router:
     # -- the graph -------------------------------------------------------------------------------------------
 
     def graph(self) -> paths.Graph:
-        """Usable links now: ``graph[a][b]`` = free blocks ``a`` draws towards ``b``."""
-        if self.db is not None:
-            return self.db.graph(self.clock())
-        return self._own_links()
+        """Usable links now: ``graph[a][b]`` = free blocks ``a`` draws towards ``b`` (do not modify)."""
+        db = self.db
+        if db is None:
+            return self._graph
+        now = self.clock()
+        key = (db.version, frozenset(n for n in db.neighbours if db.neighbour_up(n, now)))
+        if key != self._graph_key or now > self._graph_until:
+            self._graph = db.graph(now)
+            self._graph_key, self._graph_until = key, db.valid_until(now)
+            self._answers.clear()
+        return self._graph
+
+    def _cached(self, key: tuple[Any, ...], compute: Callable[[paths.Graph], Any]) -> Any:
+        graph = self.graph()
+        if key not in self._answers:
+            if len(self._answers) >= _MAX_CACHED:
+                self._answers.clear()
+            self._answers[key] = compute(graph)
+        return self._answers[key]
 
     def _own_links(self) -> dict[int, dict[int, int]]:
         # Without the exchange nothing says a link is down: every configured link counts as up.
@@ -113,7 +135,9 @@ class Router:
         ``dst_kme`` (the first usable one, never another path). None: no path now."""
         if dst_kme == self.kme_id:
             return (self.kme_id,)
-        graph = self.graph()
+        return self._cached(("path", dst_kme, need_blocks), lambda g: self._path(g, dst_kme, need_blocks))
+
+    def _path(self, graph: paths.Graph, dst_kme: int, need_blocks: int) -> tuple[int, ...] | None:
         static = self._routes.get(dst_kme)
         if static is not None:
             for route in static:
@@ -131,7 +155,10 @@ class Router:
             return []
         if dst_kme == self.kme_id:
             return [(self.kme_id,)]
-        graph = self.graph()
+        key = ("disjoint", dst_kme, n, need_blocks)
+        return list(self._cached(key, lambda g: self._disjoint(g, dst_kme, n, need_blocks)))
+
+    def _disjoint(self, graph: paths.Graph, dst_kme: int, n: int, need_blocks: int) -> list[tuple[int, ...]]:
         static = self._routes.get(dst_kme)
         if static is not None:
             chosen: list[tuple[int, ...]] = []
