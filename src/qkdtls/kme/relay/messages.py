@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,19 +178,18 @@ class RelayItem:
         has_blocks, has_pad = "blocks" in doc, "pad" in doc or "data" in doc
         if has_blocks == has_pad:
             raise _fail(where, "must carry either blocks or pad and data")
-        item = cls(
-            relay_id=relay_id,
-            mode=mode,
-            path=path,
-            master_sae=_int(doc.get("master_SAE_ID"), f"{where}.master_SAE_ID"),
-            slaves=slaves,
-            size=size,
-            key_ids=tuple(key_ids),
-            share=share,
-        )
+        fields: dict[str, Any] = {
+            "relay_id": relay_id,
+            "mode": mode,
+            "path": path,
+            "master_sae": _int(doc.get("master_SAE_ID"), f"{where}.master_SAE_ID"),
+            "slaves": slaves,
+            "size": size,
+            "key_ids": tuple(key_ids),
+            "share": share,
+        }
         if has_blocks:
-            blocks = _ints(doc.get("blocks"), f"{where}.blocks", MAX_BLOCKS, 0)
-            return dataclasses.replace(item, blocks=blocks)
+            return cls(**fields, blocks=_ints(doc.get("blocks"), f"{where}.blocks", MAX_BLOCKS, 0))
         pad = _ints(doc.get("pad"), f"{where}.pad", MAX_BLOCKS, 0)
         text = doc.get("data")
         if not isinstance(text, str) or len(text) > MAX_DATA * 4 // 3 + 4:
@@ -200,9 +198,10 @@ class RelayItem:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise _fail(f"{where}.data", "must be a base64 string") from None
-        if len(data) != item.value_bytes:
-            raise _fail(f"{where}.data", f"must hold {item.value_bytes} bytes (size/8 per key)")
-        return dataclasses.replace(item, pad=pad, data=data)
+        value_bytes = len(key_ids) * (size // 8)
+        if len(data) != value_bytes:
+            raise _fail(f"{where}.data", f"must hold {value_bytes} bytes (size/8 per key)")
+        return cls(**fields, pad=pad, data=data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,7 @@ log = logging.getLogger("qkdtls.kme.relay")
 MAX_ITEMS = 64
 MAX_MESSAGE_BYTES = 1 << 20
 # Hop messages on the wire at once per (neighbour, mode) from one origin; later items queue for the next.
-MAX_IN_FLIGHT = 2
+MAX_IN_FLIGHT = 1
 # What a hop keeps for itself of the time budget it was given, so its answer arrives before the caller's
 # timeout: 5 % of it, at least this many seconds.
 MIN_MARGIN = 0.02

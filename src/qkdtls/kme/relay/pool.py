@@ -35,6 +35,7 @@ class SpentPool:
         self.ledger = ledger
         self._blocks: deque[Block] = deque()
         self._recent: deque[tuple[float, int]] = deque()  # (when, blocks taken)
+        self._recent_sum = 0
         self._refill: asyncio.Task[None] | None = None
         self.refills = 0
 
@@ -43,8 +44,8 @@ class SpentPool:
 
     def _demand(self, now: float) -> int:
         while self._recent and self._recent[0][0] < now - WINDOW:
-            self._recent.popleft()
-        return sum(n for _, n in self._recent)
+            self._recent_sum -= self._recent.popleft()[1]
+        return self._recent_sum
 
     def _target(self, now: float) -> int:
         return min(MAX_POOL, max(MIN_POOL, self._demand(now)))
@@ -53,6 +54,7 @@ class SpentPool:
         """``count`` blocks, durably deleted before this returns (StoreError, ShortStock if it cannot)."""
         now = time.monotonic()
         self._recent.append((now, count))
+        self._recent_sum += count
         for _ in range(64):  # each round waits for one refill; bounded even if others keep taking
             if len(self._blocks) >= count:
                 break
