@@ -12,8 +12,9 @@ compared. The network (real KME processes, SQLite ``synchronous=FULL``, link-sta
 so KME 32/33/34 are reached in 2/3/4 hops by one side (trusted) or both (spread). Trusted over one hop is the
 direct link itself; spread to KME 11 takes the direct link plus the 3-hop way round (1-21-22-... is longer:
 shown for completeness). Every row is measured ``--repeat`` times (medians, min-max) in the same run as the
-direct row, and also reports the key material each delivered key consumed on each link (from the KMEs'
-``qkdtls_kme_relay_bytes_total``) and the CPU of all KME processes per cycle.
+direct row, and also reports the key material each delivered key consumed at each hop (summed over the links
+of that hop, both sides for spread; from the KMEs' ``qkdtls_kme_relay_bytes_total``: the key or pad bytes,
+and the share of the MAC keys of its messages) and the CPU of all KME processes per cycle.
 
     python -m bench.relay [--duration 3] [--repeat 3] [--concurrency 1 8]
 
@@ -58,6 +59,25 @@ ROWS: list[tuple[str, int, int, dict[str, Any]]] = [
     ("spread", 4, 34001, SPREAD),
 ]
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _hops_from_master() -> dict[int, int]:
+    """Hop number of the links each KME sends on: 1 for KME 1's, 2 for its neighbours', ..."""
+    depth = {1: 1}
+    frontier = [1]
+    while frontier:
+        nxt = []
+        for kme in frontier:
+            for a, b in LINKS:
+                for x, y in ((a, b), (b, a)):
+                    if x == kme and y not in depth:
+                        depth[y] = depth[kme] + 1
+                        nxt.append(y)
+        frontier = nxt
+    return depth
+
+
+HOP_OF = _hops_from_master()
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -87,7 +107,7 @@ class Run:
     seconds: float
     cpu: float
     latencies: list[float]
-    consumed: Counter[tuple[int, int]]  # (sender, receiver) -> bytes
+    consumed: Counter[tuple[int, int, str]]  # (sender, receiver, purpose) -> bytes
 
     @property
     def rate(self) -> float:
@@ -112,12 +132,14 @@ class Row:
     def cpu_us(self) -> float:
         return statistics.median(r.cpu / r.cycles * 1e6 for r in self.runs)
 
-    def per_key(self) -> dict[tuple[int, int], float]:
-        total: Counter[tuple[int, int]] = Counter()
+    def per_key(self) -> dict[tuple[int, str], float]:
+        """Bytes per delivered key by hop (1 = the links out of KME 1) and by value (key or pad) / mac."""
+        total: Counter[tuple[int, str]] = Counter()
         for r in self.runs:
-            total.update(r.consumed)
+            for (a, _, purpose), nbytes in r.consumed.items():
+                total[(HOP_OF[a], "mac" if purpose == "mac" else "value")] += nbytes
         cycles = sum(r.cycles for r in self.runs)
-        return {link: total[link] / cycles for link in sorted(total)}
+        return {key: total[key] / cycles for key in sorted(total)}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -125,9 +147,9 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _consumed(bed: Testbed) -> Counter[tuple[int, int]]:
-    """Relay bytes every KME consumed as a sender, per directed link."""
-    out: Counter[tuple[int, int]] = Counter()
+async def _consumed(bed: Testbed) -> Counter[tuple[int, int, str]]:
+    """Relay bytes every KME consumed as a sender, per directed link and purpose."""
+    out: Counter[tuple[int, int, str]] = Counter()
     for kme in KMES:
         async with _client(bed, None, 1, kme=kme) as admin:
             text = (await admin.request("GET", "/metrics")).body.decode()
@@ -135,7 +157,8 @@ async def _consumed(bed: Testbed) -> Counter[tuple[int, int]]:
             if line.startswith("qkdtls_kme_relay_bytes_total{"):
                 labels, value = line.rsplit(" ", 1)
                 peer = int(labels.split('peer_kme="', 1)[1].split('"', 1)[0])
-                out[(kme, peer)] += int(float(value))
+                purpose = labels.split('purpose="', 1)[1].split('"', 1)[0]
+                out[(kme, peer, purpose)] += int(float(value))
     return out
 
 
@@ -195,7 +218,9 @@ async def _wait_routes(bed: Testbed, timeout: float = 120.0) -> None:
 
 
 def _links_text(row: Row) -> str:
-    return " ".join(f"{a}>{b}:{v:.0f}" for (a, b), v in row.per_key().items() if v >= 0.5)
+    per = row.per_key()
+    hops = sorted({hop for hop, _ in per})
+    return " ".join(f"h{h} {per.get((h, 'value'), 0):.0f}+{per.get((h, 'mac'), 0):.0f}" for h in hops)
 
 
 async def _run(args: argparse.Namespace, root: Path) -> list[Row]:
@@ -232,7 +257,7 @@ async def _run(args: argparse.Namespace, root: Path) -> list[Row]:
 
 HEADER = (
     f"{'mode':>8} {'hops':>4} {'conc':>4} {'cycles/s':>9} {'(min-max)':>11} {'vs direct':>9} {'p50 ms':>7} "
-    f"{'(min-max)':>11} {'+ms':>6} {'p99 ms':>7} {'CPU µs/cyc':>10}  link material per key (bytes, sender>receiver)"
+    f"{'(min-max)':>11} {'+ms':>6} {'p99 ms':>7} {'CPU µs/cyc':>10}  material per key by hop: value+MAC B"
 )
 
 
@@ -256,9 +281,10 @@ def _summary(rows: list[Row]) -> None:
         if three is None:
             continue
         print(
-            f"concurrency {conc}: 3-hop trusted {three.rate:.0f} cycles/s = {three.rate / direct.rate:.0%} of "
-            f"direct {direct.rate:.0f} (target >= 50 %); p50 {three.p(0.5):.2f} ms = direct "
-            f"{direct.p(0.5):.2f} ms {three.p(0.5) - direct.p(0.5):+.2f} ms (target <= +3 ms)"
+            f"concurrency {conc}: 3-hop trusted {three.rate:.0f} cycles/s = "
+            f"{three.rate / direct.rate:.0%} of direct {direct.rate:.0f} (target >= 50 %); "
+            f"p50 {three.p(0.5):.2f} ms = direct {direct.p(0.5):.2f} ms "
+            f"{three.p(0.5) - direct.p(0.5):+.2f} ms (target <= +3 ms)"
         )
 
 
@@ -272,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-bytes", type=int, default=8 << 20, help="key material per link")
     parser.add_argument("--root", type=Path, help="keep the testbed here (default: a temporary directory)")
     parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
-    parser.add_argument("--rows", nargs="+", help="only these rows, e.g. trusted:3 spread:2 (direct always runs)")
+    parser.add_argument(
+        "--rows", nargs="+", help="only these rows, e.g. trusted:3 spread:2 (direct always runs)"
+    )
     args = parser.parse_args(argv)
     print(HEADER)
     with tempfile.TemporaryDirectory(prefix="qkdtls-relay-bench-") as tmp:
