@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import ssl
 import statistics
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bench.kme_cycles import _cpu_seconds
 from qkdtls.http11.client import HttpClient
 from qkdtls.testbed import Testbed
 
@@ -58,7 +58,6 @@ ROWS: list[tuple[str, int, int, dict[str, Any]]] = [
     ("spread", 3, 33001, SPREAD),
     ("spread", 4, 34001, SPREAD),
 ]
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _hops_from_master() -> dict[int, int]:
@@ -79,11 +78,6 @@ def _hops_from_master() -> dict[int, int]:
 
 HOP_OF = _hops_from_master()
 _JSON = {"Content-Type": "application/json"}
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _client(bed: Testbed, sae: int | None, concurrency: int, kme: int | None = None) -> HttpClient:

@@ -634,17 +634,7 @@ class SqlKeyStore(KeyStore):
             if len(set(wanted)) != len(wanted):
                 raise BlocksTaken("a block is named twice")
             self._check_uncollected(tx, link, master_sae, len(keys), max_uncollected)
-            data: dict[int, bytes] = {}
-            for chunk in _chunks(wanted):
-                tx.cur.execute(
-                    f"DELETE FROM blocks WHERE link = ? AND direction = ? AND held_by IS NULL "
-                    f"AND seq IN ({_marks(len(chunk))}) RETURNING seq, data",
-                    (link, direction, *chunk),
-                )
-                data.update((seq, bytes(d)) for seq, d in tx.cur.fetchall())
-            if len(data) != len(wanted):
-                raise BlocksTaken(f"{len(wanted) - len(data)} blocks are not free on link {link}")
-            tx.add(link, f"free{direction}", -len(wanted))
+            data = self._take_named(tx, link, direction, wanted)
             nbytes = size_bits // 8
             built = [StoredKey(k.key_id, b"".join(data[s] for s in k.blocks)[:nbytes]) for k in keys]
             if any(len(k.data) != nbytes for k in built):
@@ -783,7 +773,8 @@ class SqlKeyStore(KeyStore):
     # -- relay (docs/design.md, network relay) ---------------------------------------------------------------
 
     def _take_named(self, tx: Tx, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
-        """Delete the named free blocks of a direction; BlocksTaken unless every one was free."""
+        """Delete the named free blocks of a direction (the peer's: a reservation or a relay message) and
+        return their bytes; BlocksTaken unless every one was free and named once."""
         wanted = list(dict.fromkeys(seqs))
         data: dict[int, bytes] = {}
         for chunk in _chunks(wanted):
