@@ -141,6 +141,8 @@ class Testbed:
     links: dict[tuple[int, int], _LinkFolders] = field(default_factory=dict)
     verbosity: int = 0
     event_loop: str = "auto"  # KME processes: "auto" (uvloop when installed), "uvloop" or "asyncio"
+    # KMEs in their own process group: a Ctrl-C in the terminal reaches the supervisor alone (it stops them).
+    process_group: bool = False
 
     # --- building ------------------------------------------------------------------------------------------
 
@@ -367,6 +369,7 @@ class Testbed:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.root,
+                start_new_session=self.process_group,
             )
 
     def _wait_ready(self, kme_id: int, deadline: float) -> None:

@@ -18,6 +18,7 @@ COMMANDS = (
     "qkdtls.cli.kme",
     "qkdtls.cli.tls",
     "qkdtls.cli.demo",
+    "qkdtls.cli.network",
 )
 
 

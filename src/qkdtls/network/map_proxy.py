@@ -1,0 +1,268 @@
+"""The network map for a browser: plain HTTP on a loopback address, fetching the KMEs' admin JSON with the
+administrator's client certificate (browsers cannot easily present one).
+
+    /                              -> /api/v1/admin/map
+    /api/v1/admin/map              the map of the whole network (every KME's document merged: map_view.py)
+    /api/v1/admin/network          that merged document
+    /kme/<ID>/api/v1/admin/map     the map as KME <ID> sees it
+    /kme/<ID>/api/v1/admin/network KME <ID>'s own document (as its admin route answers it)
+
+Only loopback addresses are accepted for listening, and requests must name this server in their ``Host``
+header (a web page elsewhere cannot read it through DNS rebinding). The documents hold no key material
+(stock counts, paths, byte counts), but anyone on this machine can read them. KMEs are asked at most once
+per ``CACHE_SECONDS`` whatever the number of browsers polling; every upstream call is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from qkdtls.http11.client import HttpClient, HttpClientError
+from qkdtls.kme.admin_map import DOCUMENT_PATH, PAGE_PATH, render_page
+from qkdtls.kme.auth import client_context
+from qkdtls.network.map_view import merge_documents
+
+LOOPBACK = "127.0.0.1"
+UPSTREAM_TIMEOUT = 2.5
+CACHE_SECONDS = 0.5
+START_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One KME's SAE interface and the administrator credentials to call it with."""
+
+    kme_id: int
+    name: str
+    saes: tuple[int, ...]
+    host: str
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+
+
+class MapProxyError(RuntimeError):
+    """The proxy could not start (address not loopback, port taken)."""
+
+
+def _check_loopback(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise MapProxyError(f"the map proxy listens on loopback addresses only, not {host!r}")
+
+
+class MapProxy:
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        links: Sequence[tuple[int, int]],
+        *,
+        title: str = "QKD network",
+        host: str = LOOPBACK,
+        port: int = 0,
+        timeout: float = UPSTREAM_TIMEOUT,
+    ) -> None:
+        _check_loopback(host)
+        self.upstreams = {u.kme_id: u for u in upstreams}
+        self.links = list(links)
+        self.title = title
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self._clients: dict[int, HttpClient] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closing: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._cache: tuple[float, dict[str, Any]] | None = None
+        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    @property
+    def map_url(self) -> str:
+        return f"http://{self.host}:{self.port}{PAGE_PATH}"
+
+    def kme_map_url(self, kme_id: int) -> str:
+        return f"http://{self.host}:{self.port}/kme/{kme_id}{PAGE_PATH}"
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> MapProxy:
+        self._thread = threading.Thread(target=self._run, name="network-map", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT):
+            raise MapProxyError("the map proxy did not start")
+        if self._error is not None:
+            raise MapProxyError(f"the map proxy cannot listen on {self.host}:{self.port}: {self._error}")
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._loop is not None and self._closing is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._closing.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> MapProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to start(); the thread must not die silently
+            self._error = exc
+            self._ready.set()
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._closing = asyncio.Event()
+        app = web.Application(middlewares=[self._only_this_host])
+        app.router.add_get("/", self._index)
+        app.router.add_get(PAGE_PATH, self._network_page)
+        app.router.add_get(DOCUMENT_PATH, self._network_document)
+        app.router.add_get("/kme/{kme_id}" + PAGE_PATH, self._kme_page)
+        app.router.add_get("/kme/{kme_id}" + DOCUMENT_PATH, self._kme_document)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            if runner.addresses:  # port 0: learn the one the kernel chose
+                self.port = int(runner.addresses[0][1])
+            self._ready.set()
+            await self._closing.wait()
+        finally:
+            await runner.cleanup()
+            for client in self._clients.values():
+                await client.close()
+            self._clients.clear()
+
+    # --- upstream -----------------------------------------------------------------------------------------
+
+    def _client(self, kme_id: int) -> HttpClient:
+        client = self._clients.get(kme_id)
+        if client is None:
+            u = self.upstreams[kme_id]
+            client = HttpClient(
+                u.host, u.port, ssl=client_context(u.cert, u.key, u.ca), max_connections=2,
+                timeout=self.timeout, max_body_bytes=4 << 20,
+            )  # fmt: skip
+            self._clients[kme_id] = client
+        return client
+
+    async def fetch(self, kme_id: int) -> dict[str, Any] | str:
+        """KME ``kme_id``'s document, or why it could not be had (a short reason for the map)."""
+        try:
+            answer = await self._client(kme_id).request("GET", DOCUMENT_PATH, timeout=self.timeout)
+        except (HttpClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            return f"unreachable ({type(exc).__name__})"
+        if answer.status != 200:
+            try:
+                message = str(json.loads(answer.body).get("message", ""))[:200]
+            except (ValueError, AttributeError):
+                message = ""
+            return f"HTTP {answer.status}" + (f": {message}" if message else "")
+        try:
+            doc = json.loads(answer.body)
+        except ValueError:
+            return "the answer is not JSON"
+        return doc if isinstance(doc, dict) else "the answer is not a JSON object"
+
+    async def network_document(self) -> dict[str, Any]:
+        """The merged document, fetched at most once per CACHE_SECONDS (callers in between share it)."""
+        loop = asyncio.get_running_loop()
+        if self._cache is not None and loop.time() - self._cache[0] < CACHE_SECONDS:
+            return self._cache[1]
+        if self._inflight is None:
+            self._inflight = loop.create_task(self._merge())
+            self._inflight.add_done_callback(lambda _f: setattr(self, "_inflight", None))
+        doc = await asyncio.shield(self._inflight)
+        self._cache = (loop.time(), doc)
+        return doc
+
+    async def _merge(self) -> dict[str, Any]:
+        ids = sorted(self.upstreams)
+        answers = await asyncio.gather(*(self.fetch(k) for k in ids))
+        return merge_documents(
+            dict(zip(ids, answers, strict=True)),
+            sites=[(u.kme_id, u.name, u.saes) for u in (self.upstreams[k] for k in ids)],
+            links=self.links,
+            title=self.title,
+        )
+
+    # --- routes -------------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _only_this_host(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        allowed = {f"{self.host}:{self.port}", f"localhost:{self.port}", f"[{self.host}]:{self.port}"}
+        if request.host not in allowed:
+            raise web.HTTPForbidden(text="this server answers requests for its own address only\n")
+        response: web.StreamResponse = await handler(request)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _index(self, request: web.Request) -> web.Response:
+        if len(self.upstreams) == 1 and not self.links:  # one KME: its own view
+            raise web.HTTPFound(f"/kme/{next(iter(self.upstreams))}{PAGE_PATH}")
+        raise web.HTTPFound(PAGE_PATH)
+
+    async def _network_page(self, request: web.Request) -> web.Response:
+        doc = await self.network_document()
+        return web.Response(
+            body=render_page(doc, title=self.title), content_type="text/html", charset="utf-8"
+        )
+
+    async def _network_document(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.network_document())
+
+    def _kme_id(self, request: web.Request) -> int:
+        try:
+            kme_id = int(request.match_info["kme_id"])
+        except ValueError:
+            raise web.HTTPNotFound(text="no such KME\n") from None
+        if kme_id not in self.upstreams:
+            raise web.HTTPNotFound(text="no such KME in this network\n")
+        return kme_id
+
+    async def _kme_doc(self, kme_id: int) -> dict[str, Any]:
+        doc = await self.fetch(kme_id)
+        if isinstance(doc, str):
+            raise web.HTTPBadGateway(
+                text=json.dumps({"message": f"KME {kme_id}: {doc}"}), content_type="application/json"
+            )
+        doc["names"] = {str(u.kme_id): u.name for u in self.upstreams.values()}
+        return doc
+
+    async def _kme_page(self, request: web.Request) -> web.Response:
+        kme_id = self._kme_id(request)
+        doc = await self.fetch(kme_id)
+        initial = None
+        if not isinstance(doc, str):
+            initial = {**doc, "names": {str(u.kme_id): u.name for u in self.upstreams.values()}}
+        title = f"{self.title}: seen from KME {kme_id} ({self.upstreams[kme_id].name})"
+        return web.Response(body=render_page(initial, title=title), content_type="text/html", charset="utf-8")
+
+    async def _kme_document(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._kme_doc(self._kme_id(request)))
