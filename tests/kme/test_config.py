@@ -68,7 +68,10 @@ def test_relative_paths_resolve_against_the_file(bed: Testbed, tmp_path: Path) -
         (lambda d: d["saes"][0].update(serial="xyz"), "saes[0].serial: must be an integer or a hex"),
         (lambda d: d["saes"][0].pop("serial"), "saes[0].serial: missing"),
         (lambda d: d["saes"][2].update(serial=5), "saes[2].serial: only SAEs of this KME"),
-        (lambda d: d["saes"][2].update(kme_id=7), "saes[2].kme_id: KME 7 is neither"),
+        (
+            lambda d: (d.update(network={"enabled": False}), d["saes"][2].update(kme_id=7)),
+            "saes[2].kme_id: KME 7 is neither",
+        ),
         (lambda d: d["saes"].append(dict(d["saes"][2])), "saes[3].id: duplicate SAE 2001"),
         (
             lambda d: d["saes"][1].update(serial=d["saes"][0]["serial"]),

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE
 from qkdtls.kme.quotas import DEFAULT_BURST, QuotaSettings, RateLimit, SaeQuota
+from qkdtls.kme.routing.lsdb import Timers
+from qkdtls.kme.routing.settings import MAX_MAX_HOPS, NetworkSettings, StaticRoute
 from qkdtls.kme.service import MAX_RECOLLECT_WINDOW, SaeEntry, ServiceSettings
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -167,6 +169,9 @@ class AdminConfig:
     identity: CertIdentity
 
 
+NETWORK_OFF = NetworkSettings(enabled=False)
+
+
 @dataclass(frozen=True, slots=True)
 class KmeConfig:
     path: Path
@@ -185,6 +190,7 @@ class KmeConfig:
     ingest_interval: float = 0.5
     # Bytes per second a key file is appended at while the KME serves (see kme/ingest.py).
     ingest_rate: float = 1024 * 1024
+    network: NetworkSettings = NETWORK_OFF
 
     def sae_entries(self) -> dict[int, SaeEntry]:
         return {s.sae_id: s.entry() for s in self.saes}
@@ -545,6 +551,60 @@ def _quota_pairs(r: _Reader | None, saes: list[SaeConfig]) -> dict[tuple[int, in
 # -- end of key-delivery policy ----------------------------------------------------------------------------
 
 
+# -- [network]: link-state routing with the peers, static routes ------------------------------------------
+
+
+def _network(r: _Reader | None, kme_id: int, peers: tuple[Peer, ...]) -> NetworkSettings:
+    """``[network]``; without the table the exchange runs when the KME has peers."""
+    defaults = Timers()
+    if r is None:
+        return NetworkSettings(enabled=bool(peers))
+    enabled = r.boolean("enabled", bool(peers))
+    hello = r.number("hello_interval", defaults.hello_interval, lo=0.01, hi=600.0)
+    dead = r.number("dead_interval", defaults.dead_interval, hi=3600.0)
+    max_age = r.number("max_age", defaults.max_age, hi=86400.0)
+    max_hops = r.integer("max_hops", NetworkSettings().max_hops, lo=1, hi=MAX_MAX_HOPS)
+    if dead < 2 * hello:
+        raise r.error("dead_interval", "must be at least twice hello_interval (one lost advert is no outage)")
+    if max_age < 4 * dead:
+        raise r.error("max_age", "must be at least four times dead_interval")
+    neighbours = {p.kme_id for p in peers}
+    routes: list[StaticRoute] = []
+    for t in r.tables("routes"):
+        destination = t.integer("destination", required=True)
+        raw = t._get("path", None, True)
+        if not isinstance(raw, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and _I64_MIN <= k <= _I64_MAX for k in raw
+        ):
+            raise t.error("path", "must be an array of KME IDs")
+        path = tuple(raw)
+        t.finish()
+        if destination == kme_id:
+            raise t.error("destination", "is this KME's own ID")
+        if len(path) < 2 or path[0] != kme_id or path[-1] != destination:
+            raise t.error(
+                "path", f"must start with this KME ({kme_id}) and end with the destination ({destination})"
+            )
+        if len(set(path)) != len(path):
+            raise t.error("path", "names a KME twice")
+        if len(path) - 1 > max_hops:
+            raise t.error("path", f"has more than max_hops = {max_hops} links")
+        if path[1] not in neighbours:
+            raise t.error("path", f"KME {path[1]} is not a configured peer (the first hop must be one)")
+        if StaticRoute(destination, path) in routes:
+            raise t.error("path", "is listed twice")
+        routes.append(StaticRoute(destination, path))
+    r.finish()
+    try:
+        timers = Timers(hello_interval=hello, dead_interval=dead, max_age=max_age)
+    except ValueError as exc:
+        raise r.error("dead_interval", str(exc)) from None
+    return NetworkSettings(enabled=enabled, timers=timers, max_hops=max_hops, routes=tuple(routes))
+
+
+# -- end of [network] --------------------------------------------------------------------------------------
+
+
 def _peer(r: _Reader, trust: _Trust | None) -> Peer:
     url = r.string("url", required=True).rstrip("/")
     if not url.startswith("https://"):
@@ -632,6 +692,9 @@ def parse_config(
         seen_peers.add(peer.kme_id)
     if peers and inter is None:
         raise root.error("inter_kme", "missing (needed because [[peers]] are configured)")
+    network = _network(root.table("network"), kme_id, peers)
+    # With routing, an SAE may sit behind any KME of the network; without it, only behind a peer.
+    routed = network.enabled or bool(network.routes)
 
     sae_trust = _trust("sae_interface.client_ca", sae_interface.listen.client_ca)
     saes: list[SaeConfig] = []
@@ -645,8 +708,10 @@ def parse_config(
                 "serial" if identity.serial is not None else "fingerprint",
                 "only SAEs of this KME have a certificate identity here",
             )
-        if not local_sae and sae_kme not in seen_peers:
-            raise s.error("kme_id", f"KME {sae_kme} is neither this KME nor a configured peer")
+        if not local_sae and sae_kme not in seen_peers and not routed:
+            raise s.error(
+                "kme_id", f"KME {sae_kme} is neither this KME nor a configured peer (and [network] is off)"
+            )
         if any(x.sae_id == sae_id for x in saes):
             raise root.error(f"saes[{i}].id", f"duplicate SAE {sae_id}")
         policy = _sae_key_policy(s, quota_default)
@@ -709,6 +774,7 @@ def parse_config(
         sweep_interval=sweep_interval,
         ingest_interval=ingest_interval,
         ingest_rate=ingest_rate,
+        network=network,
     )
 
 

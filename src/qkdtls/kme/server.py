@@ -17,7 +17,8 @@ import signal
 import ssl
 from pathlib import Path
 
-from qkdtls.http11.server import HttpServer, Router, ServerLimits
+from qkdtls.http11.server import HttpServer, ServerLimits
+from qkdtls.http11.server import Router as HttpRouter
 from qkdtls.kme.auth import IdentityMap, server_context
 from qkdtls.kme.config import ConnectionCaps, KmeConfig
 from qkdtls.kme.ingest import Ingestor, LinkFolder
@@ -25,6 +26,9 @@ from qkdtls.kme.listener_metrics import ListenerStats
 from qkdtls.kme.metrics import KmeMetrics
 from qkdtls.kme.peers import INTER_KME_STATUSES, HttpPeerGateway, InterKmeApi
 from qkdtls.kme.routes import ETSI_STATUSES, SaeApi, error_response, exception_response, response_observer
+from qkdtls.kme.routing import LinkStateDb, Router
+from qkdtls.kme.routing.exchange import LinkStateExchange, store_stock
+from qkdtls.kme.routing.metrics import RoutingStats
 from qkdtls.kme.service import KmeService
 from qkdtls.kme.store import KeyStore, open_store
 
@@ -39,6 +43,8 @@ class KmeServer:
         self.service: KmeService | None = None
         self.metrics = KmeMetrics(config.kme_id) if config.metrics else None
         self._gateway: HttpPeerGateway | None = None
+        self.router: Router | None = None
+        self._exchange: LinkStateExchange | None = None
         self._servers: dict[str, HttpServer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._store: KeyStore | None = None
@@ -66,7 +72,10 @@ class KmeServer:
         self._store = open_store(cfg.store_url)
         self._gateway = HttpPeerGateway(cfg.peers) if cfg.peers else None
         linked = [p.kme_id for p in cfg.peers] + ([cfg.kme_id] if cfg.local_link else [])
-        self.service = KmeService(cfg.service, self._store, cfg.sae_entries(), self._gateway, linked)
+        self.router = self._router(cfg)
+        self.service = KmeService(
+            cfg.service, self._store, cfg.sae_entries(), self._gateway, linked, router=self.router
+        )
 
         folders = [LinkFolder(p.kme_id, p.folder, p.delete_after_import) for p in cfg.peers]
         if cfg.local_link is not None:
@@ -101,10 +110,15 @@ class KmeServer:
         if cfg.inter_kme is not None:
             peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers], cfg.inter_kme.listen.client_ca)
             inter_api = InterKmeApi(self.service, peers, self.metrics)
+            inter_router = inter_api.router()
+            if self.router is not None and self.router.db is not None:
+                self._exchange = self._link_state(cfg, self.router.db, peers)
+                self._exchange.register(inter_router)
+                await self._exchange.start()
             listen = cfg.inter_kme.listen
             await self._listen(
                 "inter_kme",
-                inter_api.router(),
+                inter_router,
                 listen.host,
                 listen.port,
                 server_context(listen.cert, listen.key, listen.client_ca, require_client_cert=True),
@@ -114,6 +128,8 @@ class KmeServer:
                 INTER_KME_STATUSES,
             )
 
+        if self.metrics is not None and self.router is not None:
+            self.metrics.registry.register(RoutingStats(self.router, self._exchange))
         self._tasks.append(asyncio.create_task(self._run_ingestor(ingestor), name="kme-ingest"))
         self._tasks.append(asyncio.create_task(self._sweep(), name="kme-sweeper"))
         log.info(
@@ -127,10 +143,26 @@ class KmeServer:
             },
         )
 
+    def _router(self, cfg: KmeConfig) -> Router | None:
+        """The network view the service routes with; None for a KME without peers (local pairs only)."""
+        if not cfg.peers:
+            return None
+        neighbours = [p.kme_id for p in cfg.peers]
+        network = cfg.network
+        db = LinkStateDb(cfg.kme_id, neighbours, network.timers) if network.enabled else None
+        static = {s.sae_id: s.kme_id for s in cfg.saes}
+        return Router(cfg.kme_id, neighbours, settings=network, saes=static, db=db)
+
+    def _link_state(self, cfg: KmeConfig, db: LinkStateDb, peers: IdentityMap[int]) -> LinkStateExchange:
+        assert self.service is not None and self._store is not None
+        stock = store_stock(self._store, cfg.kme_id, list(db.neighbours), self.service.direction_of)
+        own_saes = [s.sae_id for s in cfg.saes if s.kme_id == cfg.kme_id]
+        return LinkStateExchange(db, cfg.peers, peers, stock, own_saes, name=cfg.nickname)
+
     async def _listen(
         self,
         name: str,
-        router: Router,
+        router: HttpRouter,
         host: str,
         port: int,
         ctx: ssl.SSLContext,
@@ -187,6 +219,9 @@ class KmeServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._exchange is not None:
+            await self._exchange.close()
+            self._exchange = None
         servers, self._servers = list(self._servers.values()), {}
         for server in reversed(servers):
             with contextlib.suppress(Exception):

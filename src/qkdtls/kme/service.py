@@ -171,7 +171,9 @@ class KmeService:
         saes: Mapping[int, SaeEntry],
         peers: PeerGateway | None,
         linked_kmes: Collection[int],
+        router: Any = None,  # qkdtls.kme.routing.Router; None: direct links only
     ) -> None:
+        self.router = router
         self.settings = settings
         self.store = store
         self.saes = dict(saes)
