@@ -109,6 +109,8 @@ class Response:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
+    # Extra header fields (name, value): the handler's own, never CR or LF in them.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -509,6 +511,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         if prefix is None:
             prefix = _prefix(response.status, response.content_type)
         head = prefix + b"%d\r\nDate: %s\r\n" % (len(body), self._server.date.value())
+        if response.headers:
+            head += "".join(f"{name}: {value}\r\n" for name, value in response.headers).encode("latin-1")
         if not keep_alive:
             head += b"Connection: close\r\n"
         elif http10:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE
 from qkdtls.kme.quotas import DEFAULT_BURST, QuotaSettings, RateLimit, SaeQuota
+from qkdtls.kme.relay.policy import parse_relay
 from qkdtls.kme.routing.lsdb import Timers
 from qkdtls.kme.routing.settings import MAX_MAX_HOPS, NetworkSettings, StaticRoute
 from qkdtls.kme.service import MAX_RECOLLECT_WINDOW, SaeEntry, ServiceSettings
@@ -669,6 +670,7 @@ def parse_config(
         raise root.error("store.url", "must start with sqlite:// or postgresql://")
 
     service = _service(root.table("service"), kme_id)
+    relay = parse_relay(root.table("relay"))  # modes and bounds of relayed keys (kme/relay/policy.py)
     quotas_r = root.table("quotas")
     quota_default = _quota(quotas_r, SaeQuota()) if quotas_r is not None else SaeQuota()
 
@@ -722,6 +724,7 @@ def parse_config(
         quotas_r.finish()
     service = dataclasses.replace(
         service,
+        relay=relay,
         quotas=QuotaSettings(
             default=quota_default,
             saes={s.sae_id: s.quota for s in saes if s.quota is not None},

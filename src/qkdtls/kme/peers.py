@@ -23,6 +23,8 @@ must tell apart (docs/design.md, key lifecycle):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import ssl
 import urllib.parse
@@ -43,6 +45,8 @@ from qkdtls.kme.errors import (
     UnauthorizedError,
 )
 from qkdtls.kme.metrics import KmeMetrics
+from qkdtls.kme.relay.messages import RELAY_PATH, TAG_HEADER
+from qkdtls.kme.relay.node import HopReply
 from qkdtls.kme.reservation import Reservation
 from qkdtls.kme.routes import MSG_INTERNAL, dumps, json_response, parse_json_body
 from qkdtls.kme.service import KmeService
@@ -59,6 +63,9 @@ MAX_BATCH = 64
 MAX_BATCH_BYTES = 1 << 20
 # Batches on the wire at once per peer; later reservations queue for the next free sender.
 MAX_IN_FLIGHT = 4
+# Relay hop messages on the wire at once per peer (a neighbour forwards for several origins).
+MAX_RELAY_CONNECTIONS = 8
+_TAG_HEADER = TAG_HEADER.lower().encode("latin-1")
 
 
 class InterKmeApi:
@@ -80,7 +87,21 @@ class InterKmeApi:
     def router(self) -> Router:
         router = Router()
         router.add("POST", RESERVATIONS_PATH, self.reserve)
+        router.add("POST", RELAY_PATH, self.relay)
         return router
+
+    async def relay(self, request: Request) -> Response:
+        """A relay hop message (kme/relay): 200 with the per-item results and the answer's one-time tag, or
+        the status of the whole message (400 malformed or not authentic, 409 blocks not free, 503)."""
+        caller = self.peers.lookup(peer_certificate(request))
+        if caller is None:
+            raise UnauthorizedError(MSG_NOT_A_PEER)
+        tag = next((v.decode("latin-1") for k, v in request.raw_headers if k.lower() == _TAG_HEADER), None)
+        reply = await self.service.accept_relay(caller, request.body, tag)
+        headers = (
+            ((TAG_HEADER, base64.b64encode(reply.tag).decode("ascii")),) if reply.tag is not None else ()
+        )
+        return Response(reply.status, reply.body, headers=headers)
 
     async def reserve(self, request: Request) -> Response:
         caller = self.peers.lookup(peer_certificate(request))
@@ -145,14 +166,17 @@ class HttpPeerGateway:
     def __init__(self, peers: Sequence[Peer]) -> None:
         self._peers = {p.kme_id: p for p in peers}
         self._clients: dict[int, tuple[HttpClient, str]] = {}
+        self._relay_clients: dict[int, tuple[HttpClient, str]] = {}
         self._queues: dict[int, _PeerQueue] = {}
         self._senders: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    def _client(self, peer: Peer) -> tuple[HttpClient, str]:
-        """The peer's connection pool and the reservations path (its URL may carry a prefix: a proxy)."""
-        known = self._clients.get(peer.kme_id)
+    def _client(self, peer: Peer, *, relay: bool = False) -> tuple[HttpClient, str]:
+        """The peer's connection pool and the reservations (or relay) path (its URL may carry a prefix: a
+        proxy). Relay messages have their own pool: a slow relay never delays a reservation."""
+        clients = self._relay_clients if relay else self._clients
+        known = clients.get(peer.kme_id)
         if known is None:
             url = urllib.parse.urlsplit(peer.url)
             client = HttpClient(
@@ -160,12 +184,40 @@ class HttpPeerGateway:
                 url.port or 443,
                 ssl=client_context(peer.client_cert, peer.client_key, peer.ca),
                 server_hostname=peer.server_name,
-                max_connections=MAX_IN_FLIGHT,
+                max_connections=MAX_RELAY_CONNECTIONS if relay else MAX_IN_FLIGHT,
                 timeout=peer.timeout,
                 default_headers={"Content-Type": "application/json"},
             )
-            known = self._clients[peer.kme_id] = (client, url.path.rstrip("/") + RESERVATIONS_PATH)
+            path = url.path.rstrip("/") + (RELAY_PATH if relay else RESERVATIONS_PATH)
+            known = clients[peer.kme_id] = (client, path)
         return known
+
+    async def relay(self, peer_kme_id: int, body: bytes, tag: bytes, timeout: float) -> HopReply:
+        """Send one relay hop message (kme/relay/node.py RelayTransport); PeerUnavailable on network errors
+        and timeouts, else the peer's status, body and answer tag."""
+        if self._closed:
+            raise PeerUnavailable("the KME is shutting down")
+        peer = self._peers.get(peer_kme_id)
+        if peer is None:
+            raise PeerUnavailable(f"no inter-KME route to KME {peer_kme_id}")
+        headers = {TAG_HEADER: base64.b64encode(tag).decode("ascii")}
+        try:
+            client, path = self._client(peer, relay=True)
+            response = await client.request("POST", path, body, headers, timeout=max(timeout, 0.001))
+        except (HttpClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            log.warning(
+                "peer KME unreachable",
+                extra={"event": "peer.unavailable", "peer_KME_ID": peer_kme_id, "error": type(exc).__name__},
+            )
+            raise PeerUnavailable(f"KME {peer_kme_id} unreachable: {type(exc).__name__}") from None
+        answer_tag: bytes | None = None
+        text = response.headers.get(TAG_HEADER.lower())
+        if text is not None:
+            try:
+                answer_tag = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                answer_tag = None
+        return HopReply(response.status, response.body, answer_tag)
 
     async def reserve(self, peer_kme_id: int, reservation: Reservation) -> None:
         if self._closed:
@@ -253,7 +305,8 @@ class HttpPeerGateway:
                 if not future.done():
                     future.set_exception(PeerUnavailable("the KME is shutting down"))
             queue.waiting.clear()
-        clients, self._clients = list(self._clients.values()), {}
+        clients = [*self._clients.values(), *self._relay_clients.values()]
+        self._clients, self._relay_clients = {}, {}
         for client, _ in clients:
             await client.close()
 

@@ -19,10 +19,9 @@ master SAE wherever the keys wait (local keys here, cross-KME keys at the peer, 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -51,8 +50,13 @@ from qkdtls.kme.errors import (
     UnavailableError,
     UncollectedQuotaError,
 )
+from qkdtls.kme.faults import FAULT_ENV, Faults
 from qkdtls.kme.keyid import REFERENCE_MIN_KEY_SIZE, key_id_factory
 from qkdtls.kme.quotas import QuotaRefused, QuotaSettings, RateLimiter
+from qkdtls.kme.relay.hop import key_block_count, mac_block_count
+from qkdtls.kme.relay.messages import RelayItem
+from qkdtls.kme.relay.node import Destination, DirectLinks, HopReply, Plan, RelayFailed, RelayNode, Router
+from qkdtls.kme.relay.policy import RelayChoice, RelaySettings, choose, unsupported_mandatory
 from qkdtls.kme.reservation import Reservation, ReservedKey
 from qkdtls.kme.store import (
     Block,
@@ -75,9 +79,9 @@ MAX_RECOLLECT_WINDOW = 3600.0
 # Keys erased per transaction by the sweeper. On SQLite a transaction runs on the event loop: about 15 µs
 # per erased key (secure_delete), so a chunk pauses requests for a few milliseconds at most.
 SWEEP_CHUNK = 256
-# Test-only fault injection (docs/design.md, crash safety): "kill-after-collect" makes the process SIGKILL
-# itself after a dec_keys commit and before its answer leaves. Read once, at service construction.
-FAULT_ENV = "QKDTLS_KME_FAULT"
+# Test-only fault injection (docs/design.md, crash safety; kme/faults.py): "kill-after-collect" makes the
+# process SIGKILL itself after a dec_keys commit and before its answer leaves. Read once, at construction.
+__all__ = ["FAULT_ENV", "KmeService", "LinkReport", "SaeEntry", "ServiceSettings", "key_holders"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,8 @@ class ServiceSettings:
     # 0: a key is erased at its last slave's collection. SaeEntry.recollect_window overrides it per slave.
     recollect_window: float = 60.0
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    # Keys for SAEs on KMEs without a direct link: modes, paths, bounds (docs/design.md, network relay).
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
     def __post_init__(self) -> None:
         key_id_factory(self.key_id_mode)
@@ -148,6 +154,9 @@ class LinkReport:
 class PeerGateway(Protocol):
     async def reserve(self, peer_kme_id: int, reservation: Reservation) -> None: ...
 
+    # Relay hop messages (kme/relay/node.py RelayTransport); a gateway without it relays nothing.
+    async def relay(self, peer_kme_id: int, body: bytes, tag: bytes, timeout: float) -> HopReply: ...
+
 
 def _parse_sae_id(text: str, what: str) -> int:
     if not isinstance(text, str) or not 1 <= len(text) <= 20:
@@ -171,9 +180,8 @@ class KmeService:
         saes: Mapping[int, SaeEntry],
         peers: PeerGateway | None,
         linked_kmes: Collection[int],
-        router: Any = None,  # qkdtls.kme.routing.Router; None: direct links only
+        router: Router | None = None,  # qkdtls.kme.routing.Router; None: direct links only
     ) -> None:
-        self.router = router
         self.settings = settings
         self.store = store
         self.saes = dict(saes)
@@ -184,9 +192,23 @@ class KmeService:
         self._limiter = RateLimiter(settings.quotas)
         # Refused enc_keys and reservations by reason (metrics): master_rate, pair_rate, uncollected (this
         # master's keys not collected, here or at the peer), reservation_uncollected (a peer's reservation
-        # refused here for that reason), stock.
+        # refused here for that reason), stock, no_path (no relay path: nothing consumed), relay (a relay
+        # failed on its way).
         self.refusals: Counter[str] = Counter()
-        self._fault = os.environ.get(FAULT_ENV, "")
+        self._faults = Faults.from_env()
+        neighbours = frozenset(linked_kmes) - {settings.kme_id}
+        self.router: Router = router if router is not None else DirectLinks(settings.kme_id, neighbours)
+        self.relay = RelayNode(
+            kme_id=settings.kme_id,
+            block_size=settings.block_size,
+            settings=settings.relay,
+            store=store,
+            transport=peers if peers is not None and hasattr(peers, "relay") else None,
+            router=self.router,
+            neighbours=neighbours,
+            check_destination=self._relay_destination,
+            faults=self._faults,
+        )
 
     # -- helpers --------------------------------------------------------------------------------------------
 
@@ -196,12 +218,27 @@ class KmeService:
             raise UnauthorizedError(f"SAE {caller_sae} is not registered at this KME")
         return entry
 
+    def _sae_entry(self, sae_id: int) -> SaeEntry | None:
+        """An SAE's entry: this KME's configuration first, then where routing learnt it is attached."""
+        entry = self.saes.get(sae_id)
+        if entry is not None:
+            return entry
+        kme_id = self.router.kme_of(sae_id)
+        return SaeEntry(sae_id=sae_id, kme_id=kme_id) if kme_id is not None else None
+
     def _known_sae(self, text: str, what: str) -> SaeEntry:
         sae_id = _parse_sae_id(text, what)
-        entry = self.saes.get(sae_id)
+        entry = self._sae_entry(sae_id)
         if entry is None:
             raise BadRequestError(f"{what} {sae_id} is unknown")
         return entry
+
+    def _relay_choices(self, destinations: Collection[int], request: KeyRequest) -> dict[int, RelayChoice]:
+        policy = self.settings.relay
+        return {
+            dst: choose(policy.policy(dst), request.extension_mandatory, request.extension_optional)
+            for dst in destinations
+        }
 
     def _link_to(self, kme_id: int) -> int:
         if kme_id not in self.links:
@@ -240,18 +277,22 @@ class KmeService:
         s = self.settings
         self._caller(caller_sae)
         slave = self._known_sae(slave_sae, "slave SAE ID")
-        link = self._link_to(slave.kme_id)
-        try:
-            free = await self.store.free_blocks(link, self.direction_of(s.kme_id, link))
-        except StoreError:
-            raise UnavailableError("key store unavailable") from None
+        if self._relayed(slave.kme_id, RelayChoice(self.settings.relay.policy(slave.kme_id).mode)):
+            count = await self._relay_capacity(slave.kme_id, s.key_size)
+        else:
+            link = self._link_to(slave.kme_id)
+            try:
+                free = await self.store.free_blocks(link, self.direction_of(s.kme_id, link))
+            except StoreError:
+                raise UnavailableError("key store unavailable") from None
+            count = max(free, 0) // self._blocks_per_key(s.key_size)
         return Status(
             source_KME_ID=str(s.kme_id),
             target_KME_ID=str(slave.kme_id),
             master_SAE_ID=str(caller_sae),
             slave_SAE_ID=str(slave.sae_id),
             key_size=s.key_size,
-            stored_key_count=min(max(free, 0) // self._blocks_per_key(s.key_size), s.max_key_count),
+            stored_key_count=min(count, s.max_key_count),
             max_key_count=s.max_key_count,
             max_key_per_request=s.max_key_per_request,
             max_key_size=s.max_key_size,
@@ -264,10 +305,14 @@ class KmeService:
         if len(additional) > s.max_SAE_ID_count:
             raise BadRequestError(f"at most {s.max_SAE_ID_count} additional_slave_SAE_IDs are allowed")
         slaves = [primary.sae_id]
+        local = self.settings.kme_id
         for text in additional:
             entry = self._known_sae(str(text), "additional slave SAE ID")
-            if entry.kme_id != primary.kme_id:
-                raise BadRequestError("all slave SAEs of one request must belong to the same KME")
+            if entry.kme_id != primary.kme_id and local in (entry.kme_id, primary.kme_id):
+                # The relay delivers to other KMEs only; a key kept here too would need a second store path.
+                raise BadRequestError(
+                    "all slave SAEs of one request must belong to the same KME, or all to other KMEs"
+                )
             if entry.sae_id not in slaves:
                 slaves.append(entry.sae_id)
         return tuple(slaves)
@@ -287,9 +332,9 @@ class KmeService:
         slave = self._known_sae(slave_sae, "slave SAE ID")
         number = 1 if request.number is None else request.number
         size = s.key_size if request.size is None else request.size
-        if request.extension_mandatory:
-            names = sorted({name for ext in request.extension_mandatory for name in ext})
-            raise BadRequestError(MSG_EXT_MANDATORY_UNSUPPORTED, [{"unsupported": names}])
+        unsupported = unsupported_mandatory(request.extension_mandatory)
+        if unsupported:
+            raise BadRequestError(MSG_EXT_MANDATORY_UNSUPPORTED, [{"unsupported": unsupported}])
         self._check_size(size)
         if not 1 <= number <= s.max_key_per_request:
             raise BadRequestError(f"number must be between 1 and {s.max_key_per_request}")
@@ -299,7 +344,21 @@ class KmeService:
             # reflected back to its sender: the slave's collection is what binds the direction.
             raise BadRequestError("the master SAE cannot also be a slave of its keys")
         self._check_multicast(caller_sae, slaves)
-        link = self._link_to(slave.kme_id)
+        destinations: dict[int, None] = {}
+        for sae in slaves:
+            entry = self._sae_entry(sae)
+            assert entry is not None  # _slaves checked every one
+            destinations[entry.kme_id] = None
+        choices = self._relay_choices(destinations, request) if slave.kme_id != s.kme_id else {}
+        plans: list[Plan] = []
+        if len(destinations) > 1 or self._relayed(slave.kme_id, choices.get(slave.kme_id)):
+            try:
+                plans = [self.relay.plan(dst, choice, number, size) for dst, choice in choices.items()]
+            except RelayFailed as exc:
+                raise self._refuse(exc.reason, exc.message) from None
+            link = slave.kme_id
+        else:
+            link = self._link_to(slave.kme_id)
         try:
             self._limiter.admit(caller_sae, slave.sae_id, number, time.monotonic())
         except QuotaRefused as exc:
@@ -323,6 +382,8 @@ class KmeService:
                 raise UnavailableError("key store unavailable") from None
             holders = key_holders(caller_sae, slaves)
             keys = [Key(key_ID=k.key_id, key=k.data, key_extension=holders) for k in stored]
+        elif plans:
+            keys = await self._enc_relay(caller_sae, slaves, number, size, plans)
         else:
             keys = await self._enc_cross(caller_sae, slaves, link, number, size, bpk)
         if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
@@ -426,6 +487,94 @@ class KmeService:
             keys.append(Key(key_ID=self._make_id(material), key=material, key_extension=holders))
         return keys
 
+    # -- relayed keys (kme/relay; docs/design.md, network relay) ---------------------------------------------
+
+    def _relayed(self, kme_id: int, choice: RelayChoice | None) -> bool:
+        """Keys for an SAE of ``kme_id`` go through the relay (not a local key nor a direct reservation)."""
+        if kme_id == self.settings.kme_id:
+            return False
+        return kme_id not in self.links or (choice is not None and choice.mode == "spread")
+
+    async def _enc_relay(
+        self, master: int, slaves: tuple[int, ...], number: int, size: int, plans: Sequence[Plan]
+    ) -> list[Key]:
+        try:
+            pairs = await self.relay.originate(master, slaves, size, number, plans, self._make_id)
+        except RelayFailed as exc:
+            log.warning(
+                "relay failed",
+                extra={"event": "relay.failed", "master_SAE_ID": master, "reason": exc.message},
+            )
+            raise self._refuse(exc.reason, exc.message) from None
+        except StoreError:
+            raise UnavailableError("key store unavailable") from None
+        holders = key_holders(master, slaves)
+        return [Key(key_ID=key_id, key=data, key_extension=holders) for key_id, data in pairs]
+
+    async def _relay_capacity(self, destination: int, size: int) -> int:
+        """Keys of ``size`` bits one enc_keys could relay to ``destination`` now: the fewest any link of the
+        path(s) the default mode would use can pay for (this KME's links from its store, others as
+        advertised; a link whose stock is not advertised does not limit the count)."""
+        choice = choose(self.settings.relay.policy(destination))
+        try:
+            plan = self.relay.plan(destination, choice, 1, size)
+        except RelayFailed:
+            return 0
+        bs = self.settings.block_size
+        mac, bpk, nbytes = mac_block_count(bs), key_block_count(size, bs), size // 8
+        first_blocks = plan.choice.mode == "trusted" or plan.choice.scheme == "xor"
+        best: int | None = None
+        for path in plan.paths:
+            for hop, (a, b) in enumerate(itertools.pairwise(path)):
+                if a == self.settings.kme_id:
+                    try:
+                        stock: int | None = await self.store.free_blocks(b, self.direction_of(a, b))
+                    except StoreError:
+                        raise UnavailableError("key store unavailable") from None
+                else:
+                    stock = _advertised_stock(self.router, a, b)
+                if stock is None:
+                    continue
+                usable = max(stock - mac, 0)
+                keys = usable // bpk if hop == 0 and first_blocks else usable * bs // nbytes
+                best = keys if best is None else min(best, keys)
+        return best or 0
+
+    def _relay_destination(self, item: RelayItem) -> Destination:
+        """Checks of a relay item that ends here, before anything is consumed (BadRequestError: 400)."""
+        s = self.settings
+        master = self._sae_entry(item.master_sae)
+        if master is None or master.kme_id != item.path[0]:
+            raise BadRequestError(f"master SAE {item.master_sae} does not belong to KME {item.path[0]}")
+        if len(set(item.slaves)) != len(item.slaves) or len(item.slaves) > 1 + s.max_SAE_ID_count:
+            raise BadRequestError("slave_SAE_IDs must be distinct and within max_SAE_ID_count")
+        if item.master_sae in item.slaves:
+            raise BadRequestError("the master SAE cannot also be a slave of its keys")
+        pending = []
+        for sae in item.slaves:
+            entry = self.saes.get(sae)
+            if entry is not None and entry.kme_id == s.kme_id:
+                pending.append(sae)
+        if not pending:
+            raise BadRequestError(f"no slave SAE of this relay belongs to KME {s.kme_id}")
+        self._check_multicast(item.master_sae, item.slaves)
+        self._check_size(item.size)
+        if len(item.key_ids) > s.max_key_per_request:
+            raise BadRequestError(f"at most {s.max_key_per_request} keys per relay item")
+        return Destination(
+            pending=tuple(pending),
+            max_uncollected=s.quotas.of(item.master_sae).max_uncollected,
+            expires_at=time.time() + s.reservation_ttl,
+        )
+
+    async def accept_relay(self, caller_kme: int, body: bytes, tag: str | None) -> HopReply:
+        """A relay hop message from neighbour ``caller_kme`` (kme/relay/node.py)."""
+        return await self.relay.receive(caller_kme, body, tag)
+
+    def relay_stats(self) -> dict[str, Any]:
+        """Relays by mode, the last paths used and the link material consumed (admin API, map)."""
+        return self.relay.stats.snapshot()
+
     async def dec_keys(self, caller_sae: int, master_sae: str, key_ids: Sequence[str]) -> KeyContainer:
         s = self.settings
         me = self._caller(caller_sae)
@@ -453,8 +602,7 @@ class KmeService:
             raise BadRequestError(MSG_KEYS_NOT_FOUND) from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
-        if self._fault == "kill-after-collect":  # committed, not answered: a crash at the worst moment
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._faults.hit("kill-after-collect")  # committed, not answered: a crash at the worst moment
         if log.isEnabledFor(logging.INFO):  # the record lists every key ID: skip building it
             log.info(
                 "keys collected by slave",
@@ -611,4 +759,21 @@ class KmeService:
 
     async def close(self) -> None:
         """Close the store (the service owns it from construction on)."""
+        await self.relay.close()
         await self.store.close()
+
+
+def _advertised_stock(router: Router, a: int, b: int) -> int | None:
+    """Free blocks of ``a``'s direction on the link a-b as the routing database last heard them."""
+    stock = getattr(router, "stock", None)
+    if callable(stock):
+        value = stock(a, b)
+        return value if isinstance(value, int) else None
+    snapshot = getattr(router, "snapshot", None)
+    if not callable(snapshot):
+        return None
+    for link in snapshot().get("links", []):
+        if {link.get("a"), link.get("b")} == {a, b}:
+            value = link.get("stock_blocks", {}).get(f"{a}->{b}")
+            return value if isinstance(value, int) else None
+    return None

@@ -152,7 +152,7 @@ class LinkStateExchange:
                 await self._read_stock()
                 self._originate()
                 for outbox in self._outboxes.values():
-                    outbox.wake.set()  # the hello: our own advert goes with every request
+                    outbox.wake.set()  # the hello: our own advert goes with every request, new or not
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -174,6 +174,8 @@ class LinkStateExchange:
         )
         if advert is not None:
             self.stats.originated += 1
+            for outbox in self._outboxes.values():
+                outbox.wake.set()  # every request carries our own advert: send the new one now
 
     # -- caller side -----------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 An advert says, for its ``origin`` KME: its QKD links (the peer, whether the peer is heard from, the free
 blocks of each direction) and the SAEs attached to it. ``seq`` orders the adverts of one origin (a higher one
 replaces a lower one; origins start at the wall clock in milliseconds, so it grows across restarts).
+``boot`` is the first ``seq`` of the origin's process: a neighbour that sees it change knows the origin
+restarted with an empty database and sends it everything it holds.
 ``path`` lists the KMEs the advert travelled through, the origin first and the sender last: a KME never
 sends an advert to a KME on its path, so a flooded advert cannot loop, and one that claims to has been
 tampered with (docs/design.md, "Network: topology and routing").
@@ -10,7 +12,7 @@ tampered with (docs/design.md, "Network: topology and routing").
 Wire format of ``POST /kme/v1/link-state`` (JSON)::
 
     {"version": 1, "adverts": [
-      {"origin": 2, "seq": 1730000000123, "path": [2],
+      {"origin": 2, "seq": 1730000000123, "boot": 1730000000001, "path": [2],
        "links": [{"peer": 1, "up": true, "stock_out_blocks": 4096, "stock_in_blocks": 4090}],
        "saes": [2001], "name": "site B"}]}
 
@@ -23,6 +25,7 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,24 +91,19 @@ class LinkState:
 class Advert:
     origin: int
     seq: int
+    boot: int  # the first seq of the origin's process (0 <= boot <= seq)
     links: tuple[LinkState, ...]  # sorted by peer, one per peer
     saes: tuple[int, ...]  # sorted, distinct
     path: tuple[int, ...] = ()  # origin first, the sender last; empty until sent
     name: str = ""  # the origin's nickname (for people: maps, logs)
 
     def same_content(self, other: Advert) -> bool:
-        """Same origin, seq, links, SAEs and name (the path says how it came, not what it says)."""
-        return (self.origin, self.seq, self.links, self.saes, self.name) == (
-            other.origin,
-            other.seq,
-            other.links,
-            other.saes,
-            other.name,
-        )
+        """Same origin, seq, boot, links, SAEs and name (the path says how it came, not what it says)."""
+        return dataclasses.replace(self, path=()) == dataclasses.replace(other, path=())
 
     def sent_by(self, kme_id: int) -> Advert:
         """This advert as ``kme_id`` sends it on (``kme_id`` appended to the path)."""
-        return Advert(self.origin, self.seq, self.links, self.saes, (*self.path, kme_id), self.name)
+        return dataclasses.replace(self, path=(*self.path, kme_id))
 
     def link(self, peer: int) -> LinkState | None:
         for link in self.links:
@@ -117,6 +115,7 @@ class Advert:
         return {
             "origin": self.origin,
             "seq": self.seq,
+            "boot": self.boot,
             "path": list(self.path),
             "links": [link.to_json() for link in self.links],
             "saes": list(self.saes),
@@ -131,17 +130,21 @@ def make_advert(
     saes: Iterable[int],
     path: tuple[int, ...] = (),
     name: str = "",
+    boot: int | None = None,
 ) -> Advert:
     """An advert in canonical form (links sorted by peer, SAEs sorted); checks what the decoder checks."""
     advert = Advert(
         origin,
         seq,
+        seq if boot is None else boot,
         tuple(sorted(links, key=lambda link: link.peer)),
         tuple(sorted(set(saes))),
         path,
         name[:MAX_NAME],
     )
     _check_links(advert.links, origin, "advert")
+    if not 0 <= advert.boot <= seq:
+        raise MalformedAdvert("boot must lie within 0..seq")
     if len(advert.saes) > MAX_SAES:
         raise OversizedAdvert(f"an advert lists at most {MAX_SAES} SAEs")
     return advert
@@ -194,13 +197,16 @@ def decode_advert(doc: Any, where: str = "advert") -> Advert:
         raise MalformedAdvert(f"{where} must be a JSON object")
     origin = _int(doc, "origin", where)
     seq = _int(doc, "seq", where, lo=0)
+    boot = _int(doc, "boot", where, lo=0)
+    if boot > seq:
+        raise MalformedAdvert(f"{where}.boot must not exceed seq")
     path = _path(doc.get("path"), origin, where)
     links = _links(doc.get("links"), origin, where)
     saes = _saes(doc.get("saes"), where)
     name = doc.get("name", "")
     if not isinstance(name, str) or len(name) > MAX_NAME:
         raise MalformedAdvert(f"{where}.name must be a string of at most {MAX_NAME} characters")
-    return Advert(origin, seq, links, saes, path, name)
+    return Advert(origin, seq, boot, links, saes, path, name)
 
 
 def _int(doc: dict[str, Any], name: str, where: str, *, lo: int = _I64_MIN) -> int:

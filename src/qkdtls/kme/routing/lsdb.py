@@ -12,8 +12,9 @@ Rules (docs/design.md, "Network: topology and routing"):
   installed, or has the same ``seq`` and other content, is refused whole (:class:`StaleAdvert`: a replay).
 - Adverts of other origins replace the installed one when their ``seq`` is higher; lower or equal ones are
   ignored (flooding delivers copies along several paths, some late).
-- A new advert is sent on to every neighbour not on its path; a neighbour that comes up gets the whole
-  database (so a KME that restarts, or a healed partition, learns everything at once).
+- A new advert is sent on to every neighbour not on its path; a neighbour that comes up, or whose own
+  advert shows a new ``boot`` (it restarted, maybe within the dead interval), gets the whole database (so
+  a KME that restarts, or a healed partition, learns everything at once).
 - Adverts not replaced for ``max_age`` expire (an origin sends a new one at least every ``max_age / 4``).
 - A link is usable when both ends advertise it up (two-way check); this KME's own links use its current
   liveness view rather than its last advert.
@@ -71,7 +72,7 @@ class Accepted:
     installed: tuple[int, ...]  # origins whose advert was new
     known: int  # copies of installed adverts
     ignored: int  # older (or conflicting) adverts of other origins
-    came_up: bool  # the caller was not up before this batch
+    came_up: bool  # the caller was not up before this batch, or restarted: send it the whole database
     flood: Mapping[int, tuple[Advert, ...]] = field(default_factory=dict)  # neighbour -> adverts to send
 
 
@@ -109,6 +110,7 @@ class LinkStateDb:
         self._entries: dict[int, _Entry] = {}
         self._heard: dict[int, float] = {}
         self._seq_floor = 0
+        self._boot: int | None = None  # the first seq of this process
         # Bumped on every change of the adverts held (not on liveness, which moves with the clock).
         self.version = 0
         self._sae_index: dict[int, tuple[int, ...]] | None = None
@@ -153,7 +155,9 @@ class LinkStateDb:
         entry = self._entries.get(self.me)
         previous = entry.advert if entry is not None else None
         seq = max(wall_ms, self._seq_floor, previous.seq + 1 if previous is not None else 0)
-        advert = make_advert(self.me, seq, links, saes, name=name)
+        if self._boot is None:
+            self._boot = seq
+        advert = make_advert(self.me, seq, links, saes, name=name, boot=self._boot)
         if (
             previous is not None
             and entry is not None
@@ -199,7 +203,8 @@ class LinkStateDb:
         if len(self._entries) + new_origins > self.max_nodes:
             raise OversizedAdvert(f"the link-state database holds at most {self.max_nodes} KMEs")
 
-        came_up = not self.neighbour_up(caller, now)
+        # A new boot: the caller restarted and holds nothing, even if it never looked down to us.
+        came_up = not self.neighbour_up(caller, now) or installed is None or installed.advert.boot != own.boot
         self._heard[caller] = now
         fresh: list[Advert] = []
         known = ignored = 0

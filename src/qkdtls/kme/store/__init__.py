@@ -7,6 +7,11 @@
 from __future__ import annotations
 
 from qkdtls.kme.store.base import (
+    DELIVERED,
+    EXISTS,
+    INCONSISTENT,
+    MISMATCH,
+    QUOTA,
     Block,
     BlocksTaken,
     ImportRejected,
@@ -17,6 +22,10 @@ from qkdtls.kme.store.base import (
     MulticastRefused,
     NewKeySpec,
     NotASlave,
+    RelayDecision,
+    RelayIntake,
+    RelayKeys,
+    RelayShares,
     ShortStock,
     StoredKey,
     StoreError,
@@ -26,6 +35,11 @@ from qkdtls.kme.store.base import (
 )
 
 __all__ = [
+    "DELIVERED",
+    "EXISTS",
+    "INCONSISTENT",
+    "MISMATCH",
+    "QUOTA",
     "Block",
     "BlocksTaken",
     "ImportRejected",
@@ -36,6 +50,10 @@ __all__ = [
     "MulticastRefused",
     "NewKeySpec",
     "NotASlave",
+    "RelayDecision",
+    "RelayIntake",
+    "RelayKeys",
+    "RelayShares",
     "ShortStock",
     "StoreError",
     "StoreUnavailable",

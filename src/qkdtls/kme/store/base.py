@@ -7,8 +7,9 @@ below never carry them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class StoreError(Exception):
@@ -87,6 +88,81 @@ class NewKeySpec:
 
     key_id: str
     blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RelayKeys:
+    """Relayed keys to record at their destination KME (trusted mode: the relay carried the keys)."""
+
+    keys: Sequence[StoredKey]
+    master_sae: int
+    slaves: tuple[int, ...]  # every holder, in request order (the ``key_extension``)
+    pending: tuple[int, ...]  # the slaves attached to this KME: the key waits for them
+    size_bits: int
+    expires_at: float
+    max_uncollected: int = 0
+
+    def __repr__(self) -> str:
+        return f"RelayKeys(keys={len(self.keys)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RelayShares:
+    """One share of each of some relayed keys (spread mode), to keep until enough shares rebuild each key.
+
+    ``combine(shares)`` rebuilds a key from ``k`` shares ``(x, value)``; ``consistent(shares)`` says whether
+    more than ``k`` shares lie on one sharing. Both are pure (``kme/relay/sharing.py``)."""
+
+    key_ids: Sequence[str]
+    values: Sequence[bytes]
+    x: int
+    k: int
+    n: int
+    scheme: str
+    master_sae: int
+    slaves: tuple[int, ...]
+    pending: tuple[int, ...]
+    size_bits: int
+    expires_at: float
+    combine: Callable[[list[tuple[int, bytes]]], bytes]
+    consistent: Callable[[list[tuple[int, bytes]]], bool]
+    max_uncollected: int = 0
+
+    def __repr__(self) -> str:
+        return f"RelayShares(keys={len(self.key_ids)}, x={self.x})"
+
+
+# What happened to one delivery of :meth:`KeyStore.relay_accept`.
+DELIVERED = "delivered"  # keys stored, or the share stored (and the key rebuilt once k shares arrived)
+EXISTS = "exists"  # a key ID (or this share of it) is stored already: nothing changed for this delivery
+QUOTA = "quota"  # the master SAE would have too many keys not collected here: nothing changed
+INCONSISTENT = "inconsistent"  # the shares of a key disagree: its key and shares are erased (burnt)
+MISMATCH = "mismatch"  # the share's metadata (holders, size, sharing) differs from its siblings'
+
+
+@dataclass(frozen=True, slots=True)
+class RelayIntake:
+    """The link material one received hop message consumes, in one transaction.
+
+    ``seqs``: blocks the sender named (its ``direction`` of ``link``), which must all be free here;
+    ``spend``: blocks this instance holds (per link) for the messages it sends next and for nothing else."""
+
+    link: int
+    direction: int
+    seqs: Sequence[int]
+    spend: Mapping[int, Sequence[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RelayDecision:
+    """What :meth:`KeyStore.relay_accept`'s ``decide`` makes of the named blocks' bytes: the deliveries to
+    record (destination items) and anything else the caller needs back (opened values, the answer key)."""
+
+    deliveries: Sequence[RelayKeys | RelayShares]
+    opened: Any = None
+
+    def __repr__(self) -> str:
+        return f"RelayDecision(deliveries={len(self.deliveries)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +248,26 @@ class KeyStore(abc.ABC):
         """Slave side of a reservation: consume the named free blocks and record the keys. BlocksTaken if any
         block is not free or a key ID exists; UncollectedQuota if the master would then have more than
         ``max_uncollected`` (> 0) keys not collected here; either way nothing changes."""
+
+    @abc.abstractmethod
+    async def spend_held(self, spend: Mapping[int, Sequence[int]]) -> None:
+        """Delete held blocks (per link) durably, before anything made with them leaves this process (a relay
+        message's pads and MAC keys, and the blocks it names): committed when this returns. LostHold if any
+        block is no longer held by this instance; then nothing changes."""
+
+    @abc.abstractmethod
+    async def relay_accept(
+        self, intake: RelayIntake, decide: Callable[[dict[int, bytes]], RelayDecision | None]
+    ) -> tuple[RelayDecision | None, list[str]]:
+        """Receive a relay hop message in one transaction: consume the named free blocks of the sender's
+        direction, call ``decide`` with their bytes (it verifies the message's MAC and opens its items), then
+        consume the held ``spend`` blocks and record the deliveries, each all-or-nothing (one outcome per
+        delivery: DELIVERED, EXISTS, QUOTA, INCONSISTENT, MISMATCH).
+
+        BlocksTaken if a named block is not free (a replay, or blocks already used): nothing changes.
+        ``decide`` returning None (the MAC does not verify) commits the consumption of the named blocks alone:
+        a tampered message burns what it named. ``decide`` must be a pure function of its argument (a batch
+        may run again)."""
 
     @abc.abstractmethod
     async def take_local(

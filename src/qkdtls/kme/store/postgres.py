@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qkdtls.kme.store.base import StoreUnavailable
-from qkdtls.kme.store.sql import MIGRATE_COUNTERS_1_TO_2, SCHEMA_VERSION, Op, SqlKeyStore
+from qkdtls.kme.store.sql import MIGRATE_COUNTERS_1_TO_2, SCHEMA_VERSION, Op, SqlKeyStore, migrate_2_to_3
 
 try:
     import psycopg
@@ -45,6 +45,14 @@ CREATE TABLE ledger (
     imported_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (link, name));
 CREATE TABLE counters (
     link BIGINT NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL, PRIMARY KEY (link, name));
+"""
+# Shares of keys relayed over several paths (schema 3), see sqlite.py.
+SHARES = """
+CREATE TABLE shares (
+    key_id TEXT NOT NULL, x INTEGER NOT NULL, link BIGINT NOT NULL, master_sae BIGINT NOT NULL,
+    slaves TEXT NOT NULL, pending TEXT NOT NULL, size INTEGER NOT NULL, scheme TEXT NOT NULL,
+    k INTEGER NOT NULL, n INTEGER NOT NULL, data BYTEA NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (key_id, x))
 """
 
 log = logging.getLogger(__name__)
@@ -88,12 +96,13 @@ class PostgresKeyStore(SqlKeyStore):
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 cur.execute("SELECT to_regclass('meta') IS NOT NULL")
                 row = cur.fetchone()
-                if not (row and row[0]):
+                if not (row and row[0]):  # SCHEMA is schema 2; the migrations below bring it up to date
                     for statement in SCHEMA.split(";"):
                         if statement.strip():
                             cur.execute(statement)
                     cur.execute(
-                        "INSERT INTO meta(name, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
+                        "INSERT INTO meta(name, value) VALUES ('schema_version', %s)",
+                        (str(SCHEMA_VERSION - 1),),
                     )
                 cur.execute("SELECT value FROM meta WHERE name = 'schema_version'")
                 version = cur.fetchone()
@@ -103,6 +112,10 @@ class PostgresKeyStore(SqlKeyStore):
                         cur.execute(statement)
                     cur.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
                     version = ("2",)
+                if version is not None and int(version[0]) == 2:
+                    for statement in migrate_2_to_3(SHARES):
+                        cur.execute(statement)
+                    version = ("3",)
                 if version is None or int(version[0]) != SCHEMA_VERSION:
                     raise StoreUnavailable(f"key store schema version {version} is not {SCHEMA_VERSION}")
                 cur.execute("COMMIT")

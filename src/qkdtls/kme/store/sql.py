@@ -16,11 +16,16 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qkdtls.kme.store.base import (
+    DELIVERED,
+    EXISTS,
+    INCONSISTENT,
+    MISMATCH,
+    QUOTA,
     Block,
     BlocksTaken,
     ImportRejected,
@@ -31,6 +36,10 @@ from qkdtls.kme.store.base import (
     MulticastRefused,
     NewKeySpec,
     NotASlave,
+    RelayDecision,
+    RelayIntake,
+    RelayKeys,
+    RelayShares,
     ShortStock,
     StoredKey,
     StoreError,
@@ -42,7 +51,7 @@ from qkdtls.kme.store.base import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_BATCH = 512
 # Loop turns a batch waits for more operations before it commits (see ``_flush``).
 GATHER_TURNS = 8
@@ -158,6 +167,23 @@ MIGRATE_COUNTERS_1_TO_2 = (
     "SELECT link, 'uncollected:' || CAST(master_sae AS TEXT), COUNT(*) FROM keys GROUP BY link, master_sae",
     "DELETE FROM counters WHERE name = 'keys'",
 )
+
+
+def migrate_2_to_3(shares_table: str) -> tuple[str, ...]:
+    """Schema 2 → 3: the ``shares`` table of multi-path relays (its column types are the backend's)."""
+    return (
+        shares_table.replace("CREATE TABLE shares", "CREATE TABLE IF NOT EXISTS shares"),
+        "CREATE INDEX IF NOT EXISTS shares_expiry ON shares (expires_at)",
+        "UPDATE meta SET value = '3' WHERE name = 'schema_version'",
+    )
+
+
+class _Refused(Exception):
+    """A relay delivery that changes nothing (rolled back to its savepoint); ``outcome`` says why."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
 
 
 class SqlKeyStore(KeyStore):
@@ -566,13 +592,16 @@ class SqlKeyStore(KeyStore):
         slaves: Sequence[int],
         size_bits: int,
         expires_at: float,
+        pending: Sequence[int] | None = None,
     ) -> None:
         ids = [k.key_id for k in keys]
         if len(set(ids)) != len(ids):
             raise BlocksTaken("duplicate key IDs")
         slave_text = _join(slaves)
+        pending_text = slave_text if pending is None else _join(pending)
         rows = [
-            (k.key_id, link, master_sae, slave_text, slave_text, size_bits, k.data, expires_at) for k in keys
+            (k.key_id, link, master_sae, slave_text, pending_text, size_bits, k.data, expires_at)
+            for k in keys
         ]
         insert = (
             "INSERT INTO keys(key_id, link, master_sae, slaves, pending, size, data, expires_at) "
@@ -751,6 +780,137 @@ class SqlKeyStore(KeyStore):
         else:
             tx.cur.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
 
+    # -- relay (docs/design.md, network relay) ---------------------------------------------------------------
+
+    def _take_named(self, tx: Tx, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
+        """Delete the named free blocks of a direction; BlocksTaken unless every one was free."""
+        wanted = list(dict.fromkeys(seqs))
+        data: dict[int, bytes] = {}
+        for chunk in _chunks(wanted):
+            tx.cur.execute(
+                f"DELETE FROM blocks WHERE link = ? AND direction = ? AND held_by IS NULL "
+                f"AND seq IN ({_marks(len(chunk))}) RETURNING seq, data",
+                (link, direction, *chunk),
+            )
+            data.update((seq, bytes(d)) for seq, d in tx.cur.fetchall())
+        if len(data) != len(wanted) or len(wanted) != len(seqs):
+            raise BlocksTaken(f"{len(wanted) - len(data)} named blocks are not free on link {link}")
+        tx.add(link, f"free{direction}", -len(data))
+        return data
+
+    def _spend_rows(self, tx: Tx, link: int, seqs: Sequence[int]) -> int:
+        """Delete blocks this instance holds; how many were."""
+        return self._delete_held(tx, link, seqs)
+
+    def _spend(self, tx: Tx, spend: Mapping[int, Sequence[int]]) -> None:
+        for link, seqs in spend.items():
+            unique = list(dict.fromkeys(seqs))
+            if self._spend_rows(tx, link, unique) != len(unique):
+                raise LostHold(f"{len(unique)} held blocks on link {link} are no longer held")
+
+    def _spent(self, spend: Mapping[int, Sequence[int]]) -> None:
+        """Called after held blocks were deleted (the SQLite store drops their holds in memory)."""
+
+    async def spend_held(self, spend: Mapping[int, Sequence[int]]) -> None:
+        def op(tx: Tx) -> None:
+            self._spend(tx, spend)
+
+        await self._do(op)
+        self._spent(spend)
+
+    async def relay_accept(
+        self, intake: RelayIntake, decide: Callable[[dict[int, bytes]], RelayDecision | None]
+    ) -> tuple[RelayDecision | None, list[str]]:
+        def op(tx: Tx) -> tuple[RelayDecision | None, list[str]]:
+            data = self._take_named(tx, intake.link, intake.direction, intake.seqs)
+            decision = decide(data)
+            if decision is None:  # not authentic: what it named is burnt, nothing else happens
+                tx.add(intake.link, "burnt", len(data))
+                return None, []
+            self._spend(tx, intake.spend)
+            return decision, [self._deliver(tx, intake.link, d) for d in decision.deliveries]
+
+        decision, outcomes = await self._do(op)
+        if decision is not None:
+            self._spent(intake.spend)
+        return decision, outcomes
+
+    def _deliver(self, tx: Tx, link: int, delivery: RelayKeys | RelayShares) -> str:
+        """One delivery, all or nothing (a savepoint; the batch's counter changes are restored with it)."""
+        saved = dict(tx.deltas)
+        tx.cur.execute("SAVEPOINT relay_delivery")
+        try:
+            if isinstance(delivery, RelayKeys):
+                self._check_uncollected(
+                    tx, link, delivery.master_sae, len(delivery.keys), delivery.max_uncollected
+                )
+                self._insert_keys(
+                    tx, link, delivery.keys, delivery.master_sae, delivery.slaves, delivery.size_bits,
+                    delivery.expires_at, delivery.pending,
+                )  # fmt: skip
+            else:
+                self._deliver_shares(tx, link, delivery)
+        except (_Refused, BlocksTaken, UncollectedQuota) as exc:
+            tx.cur.execute("ROLLBACK TO SAVEPOINT relay_delivery")
+            tx.cur.execute("RELEASE SAVEPOINT relay_delivery")
+            tx.deltas.clear()
+            tx.deltas.update(saved)
+            if isinstance(exc, _Refused):
+                if exc.outcome == INCONSISTENT and isinstance(delivery, RelayShares):
+                    self._erase_relayed(tx, delivery.key_ids)
+                return exc.outcome
+            return QUOTA if isinstance(exc, UncollectedQuota) else EXISTS
+        tx.cur.execute("RELEASE SAVEPOINT relay_delivery")
+        return DELIVERED
+
+    def _deliver_shares(self, tx: Tx, link: int, d: RelayShares) -> None:
+        meta = (d.master_sae, _join(d.slaves), _join(d.pending), d.size_bits, d.scheme, d.k, d.n)
+        complete: list[StoredKey] = []
+        inconsistent = False
+        for key_id, value in zip(d.key_ids, d.values, strict=True):
+            tx.cur.execute(
+                "SELECT x, master_sae, slaves, pending, size, scheme, k, n, data FROM shares "
+                f"WHERE key_id = ? ORDER BY x{tx.lock}",
+                (key_id,),
+            )
+            rows = tx.cur.fetchall()
+            if any((int(r[1]), r[2], r[3], int(r[4]), r[5], int(r[6]), int(r[7])) != meta for r in rows):
+                raise _Refused(MISMATCH)
+            if any(int(r[0]) == d.x for r in rows):
+                raise _Refused(EXISTS)
+            shares = sorted([(int(r[0]), bytes(r[8])) for r in rows] + [(d.x, value)])
+            if len(shares) > d.k and not d.consistent(shares):
+                inconsistent = True
+                continue
+            if len(shares) == d.k:
+                complete.append(StoredKey(key_id, d.combine(shares)))
+            if len(shares) == d.n:  # every share arrived and agrees: none is needed any more
+                tx.cur.execute("DELETE FROM shares WHERE key_id = ?", (key_id,))
+            else:
+                tx.cur.execute(
+                    "INSERT INTO shares(key_id, x, link, master_sae, slaves, pending, size, scheme, k, n, "
+                    "data, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key_id, d.x, link, *meta, value, d.expires_at),
+                )
+        if inconsistent:
+            raise _Refused(INCONSISTENT)
+        if complete:
+            self._check_uncollected(tx, link, d.master_sae, len(complete), d.max_uncollected)
+            self._insert_keys(
+                tx, link, complete, d.master_sae, d.slaves, d.size_bits, d.expires_at, d.pending
+            )
+
+    def _erase_relayed(self, tx: Tx, key_ids: Sequence[str]) -> None:
+        """Erase keys whose shares disagree, and their shares: a corrupted key is never delivered."""
+        for key_id in key_ids:
+            tx.cur.execute("DELETE FROM keys WHERE key_id = ? RETURNING link, master_sae, pending", (key_id,))
+            for link, master_sae, pending in tx.cur.fetchall():
+                if pending:
+                    tx.add(int(link), uncollected_counter(int(master_sae)), -1)
+                else:
+                    tx.add(int(link), "window", -1)
+            tx.cur.execute("DELETE FROM shares WHERE key_id = ?", (key_id,))
+
     # -- housekeeping ---------------------------------------------------------------------------------------
 
     async def expire(self, now: float, limit: int = 1000) -> Swept:
@@ -771,6 +931,12 @@ class SqlKeyStore(KeyStore):
                 else:
                     tx.add(link, "window", -1)
                     swept.erased.append((link, str(key_id)))
+            # Shares of relayed keys that never got all their siblings (a path failed): nobody waits for them.
+            tx.cur.execute(
+                "DELETE FROM shares WHERE (key_id, x) IN "
+                "(SELECT key_id, x FROM shares WHERE expires_at < ? LIMIT ?)",
+                (now, limit),
+            )
             return swept
 
         return await self._do(op)

@@ -19,12 +19,20 @@ import asyncio
 import dataclasses
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qkdtls.kme.store.base import Block, LinkStats, LostHold, ShortStock, StoreUnavailable
 from qkdtls.kme.store.holds import VolatileHolds
-from qkdtls.kme.store.sql import MIGRATE_COUNTERS_1_TO_2, SCHEMA_VERSION, SqlKeyStore, Tx, _chunks, _marks
+from qkdtls.kme.store.sql import (
+    MIGRATE_COUNTERS_1_TO_2,
+    SCHEMA_VERSION,
+    SqlKeyStore,
+    Tx,
+    _chunks,
+    _marks,
+    migrate_2_to_3,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,14 @@ CREATE TABLE ledger (
 CREATE TABLE counters (
     link INTEGER NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (link, name)) WITHOUT ROWID;
+"""
+# Shares of keys relayed over several paths, kept until enough (and then all) shares arrived (schema 3).
+SHARES = """
+CREATE TABLE shares (
+    key_id TEXT NOT NULL, x INTEGER NOT NULL, link INTEGER NOT NULL, master_sae INTEGER NOT NULL,
+    slaves TEXT NOT NULL, pending TEXT NOT NULL, size INTEGER NOT NULL, scheme TEXT NOT NULL,
+    k INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (key_id, x)) WITHOUT ROWID
 """
 
 
@@ -96,12 +112,12 @@ class SqliteKeyStore(SqlKeyStore):
             exists = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
             ).fetchone()
-            if not exists:
+            if not exists:  # SCHEMA is schema 2; the migrations below bring it to SCHEMA_VERSION
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(
-                    "INSERT INTO meta(name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    "INSERT INTO meta(name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION - 1),)
                 )
             version = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             if version is not None and int(version[0]) == 1:
@@ -123,6 +139,10 @@ class SqliteKeyStore(SqlKeyStore):
                     conn.execute(statement)
                 conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
                 version = ("2",)
+            if version is not None and int(version[0]) == 2:
+                for statement in migrate_2_to_3(SHARES):
+                    conn.execute(statement)
+                version = ("3",)
             if version is None or int(version[0]) != SCHEMA_VERSION:
                 raise StoreUnavailable(f"key store schema version {version} is not {SCHEMA_VERSION}")
             # Indexes of earlier releases: holds live in memory here, so free blocks are found by walking
@@ -235,6 +255,17 @@ class SqliteKeyStore(SqlKeyStore):
                 )
 
         self._do_later(op, done)
+
+    def _spend_rows(self, tx: Tx, link: int, seqs: Sequence[int]) -> int:
+        # Holds live in memory: the rows of held blocks look free in the database, and only this process
+        # deletes blocks of its own directions.
+        if not self._holds.all_held(link, seqs):
+            return -1
+        return self._delete_rows(tx, link, seqs)
+
+    def _spent(self, spend: Mapping[int, Sequence[int]]) -> None:
+        for link, seqs in spend.items():
+            self._holds.forget(link, seqs)
 
     async def burn_held(self, link: int, seqs: Sequence[int]) -> int:
         if self._closed:
