@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qkdtls.cli.network import example_path
 from qkdtls.kme.config import load_config
 from qkdtls.network.build import BuildError, build_network
 from qkdtls.network.layout import LayoutError, NetworkLayout
-from qkdtls.network.topology import load_topology, parse_topology
+from qkdtls.network.topology import example_path, load_topology, parse_topology
 
 
 def _qkdtls(*argv: str) -> subprocess.CompletedProcess[str]:

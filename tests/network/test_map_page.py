@@ -54,8 +54,12 @@ def test_the_map_draws_a_recorded_network(
     assert _state(dom, "line", "data-link", "2-6") == "empty"  # no stock 2->6
     assert 'stroke-dasharray="14 10"' in _attr(dom, "line", "data-link", "7-8")[0]
     assert re.findall(r'<polyline\b[^>]*data-path="([-0-9]+)"', dom) == ["1-2-5-8", "1-3-6-8"]
-    assert "1 → 2 → 5 → 8 | 1 → 3 → 6 → 8" in dom and "1 → 3 → 7 → 8" in dom
-    assert "trusted 12 · spread 3 · failed 1" in dom
+    # The newest relay failed: listed (marked), while the newest delivered one is drawn.
+    rows = re.findall(r'<tr data-newest="(yes|no)" data-ok="(yes|no)"[^>]*>(.*?)</tr>', dom)
+    assert [(newest, ok) for newest, ok, _ in rows] == [("yes", "no"), ("no", "yes"), ("no", "yes")]
+    assert "trusted (failed)" in rows[0][2] and "1 → 4 → 7 → 8" in rows[0][2]
+    assert "1 → 2 → 5 → 8 | 1 → 3 → 6 → 8" in rows[1][2] and "1 → 3 → 7 → 8" in rows[2][2]
+    assert "trusted 12 · spread 3 · failed 1" in dom and "hop messages received: accepted 9 · replay 1" in dom
     assert "relayed 128 B" in dom and "2→5 5000 · 5→2 5000" in dom
 
     image = Image.open(shot).convert("RGB")

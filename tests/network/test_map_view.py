@@ -37,7 +37,8 @@ def test_a_router_view_is_completed_and_relay_statistics_are_merged() -> None:
     relay_1 = {
         "relays": {"trusted": 2, "failed": 1},
         "last_paths": [{"at": 10.0, "mode": "trusted", "paths": [[1, 2, 3]], "keys": 1}],
-        "consumed_bytes": [{"link": [2, 1], "purpose": "key", "mode": "trusted", "bytes": 64}],
+        "consumed_bytes": [{"link": [1, 2], "purpose": "key", "mode": "trusted", "bytes": 64}],
+        "hops": {"accepted": 3},
     }
     relay_2 = {
         "relays": {"trusted": 1},
@@ -46,10 +47,11 @@ def test_a_router_view_is_completed_and_relay_statistics_are_merged() -> None:
             {"at": 12.0, "mode": "spread", "paths": [[3, 2, 1]], "keys": 2},
         ],
         "consumed_bytes": [
-            {"link": [1, 2], "purpose": "key", "mode": "trusted", "bytes": 32},
+            {"link": [2, 1], "purpose": "key", "mode": "trusted", "bytes": 32},  # sent the other way
             {"link": [2, 3], "purpose": "pad", "mode": "trusted", "bytes": 64},
             {"link": "bad", "bytes": 1},
         ],
+        "hops": {"accepted": 2, "replay": 1},
     }
     docs = {1: {"routing": None, "relay": relay_1}, 2: {"routing": snapshot, "relay": relay_2}, 3: "HTTP 503"}
     merged = merge_documents(docs, sites=SITES, links=LINKS, title="t")
@@ -59,10 +61,11 @@ def test_a_router_view_is_completed_and_relay_statistics_are_merged() -> None:
     relay = merged["relay"]
     assert relay["relays"] == {"trusted": 3, "failed": 1}
     assert [p["at"] for p in relay["last_paths"]] == [12.0, 10.0]
-    assert relay["consumed_bytes"] == [
-        {"link": [1, 2], "purpose": "key", "mode": "trusted", "bytes": 64},
+    assert relay["consumed_bytes"] == [  # each KME counts what it sent: the link's total is the sum
+        {"link": [1, 2], "purpose": "key", "mode": "trusted", "bytes": 96},
         {"link": [2, 3], "purpose": "pad", "mode": "trusted", "bytes": 64},
     ]
+    assert relay["hops"] == {"accepted": 5, "replay": 1}
 
 
 def test_one_kme_alone_shows_itself_and_its_peers() -> None:

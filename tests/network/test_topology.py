@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdtls.cli.network import EXAMPLES, example_path
-from qkdtls.network.topology import TopologyError, load_topology, parse_topology
+from qkdtls.network.topology import EXAMPLES, TopologyError, example_path, load_topology, parse_topology
 
 PAPER_LINKS = {
     (1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (3, 5), (3, 6), (3, 7), (4, 6), (4, 7), (5, 8), (6, 8), (7, 8),

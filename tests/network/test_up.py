@@ -1,6 +1,7 @@
 """`qkdtls network up` on the chain of four: progress while it starts, what a user needs printed, the links
-feeding the KMEs, the live map through the loopback proxy (screenshot in headless Chromium) with a KME killed
-and its link shown down, nothing restarted, and Ctrl-C leaving no KME process behind."""
+feeding the KMEs, a key relayed from site A to site D, the live map through the loopback proxy (screenshot in
+headless Chromium) with the relay's path and a killed KME's link shown down, nothing restarted, and Ctrl-C
+leaving no KME process behind."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Any
 from PIL import Image
 from tests.network.conftest import browse, colour_count, free_port_run
 
+from qkdtls.etsi014.client import KmeClient, KmeClientSettings
 from qkdtls.network.runner import load_run_file
+from qkdtls.pki import PkiLayout
 
 RED, GREEN = (214, 39, 40), (44, 160, 44)
 BOUND = 60.0  # seconds: generous on a loaded 2-core machine
@@ -123,6 +126,21 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
         # The simulated links keep writing: the KMEs' stock grows.
         _until("stock grows on every link", lambda: all(n > first[link] for link, n in stock().items()))
 
+        # A key from SAE 1001 (site A) to SAE 4001 (site D): relayed by KMEs 2 and 3, seen on the map.
+        pki = PkiLayout.load(root)
+        sae = pki.zones[1].saes[1001]
+        settings = KmeClientSettings(
+            run["kmes"]["1"]["sae_url"], sae.cert, sae.key, pki.zones[1].ca, timeout=10
+        )
+        with KmeClient(settings) as client:
+            assert len(client.enc_keys("4001", number=2).keys) == 2
+
+        def paths() -> list[tuple[list[list[int]], bool]]:
+            return [(p["paths"], p["ok"]) for p in _get(doc_url)["relay"]["last_paths"]]
+
+        _until("the relay in the statistics", lambda: paths() != [])  # the proxy caches for half a second
+        assert paths() == [([[1, 2, 3, 4]], True)]
+
         os.kill(pids["4"], signal.SIGKILL)
         out.wait_for("!! KME 4 (D) exited with code -9", proc)
         _until("KME 4 and the link 3-4 down on the map", lambda: down() == ([4], [(3, 4)]))
@@ -133,6 +151,7 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
         assert re.search(r'<line\b[^>]*data-link="3-4" data-state="down"', dom)
         assert re.search(r'<line\b[^>]*data-link="1-2" data-state="(plenty|some)"', dom)
         assert "KME 4: unreachable" in dom and "KME 1: ok" in dom
+        assert re.search(r'<polyline\b[^>]*data-path="1-2-3-4"', dom) and "1 → 2 → 3 → 4" in dom
         image = Image.open(shot)
         drawing = image.crop((0, 0, int(image.width * 0.68), image.height))  # the map, without the legend
         # The dashed red link 3-4 and the two green links, several hundred pixels each.

@@ -8,18 +8,12 @@ import argparse
 import signal
 import sys
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from qkdtls.cli.main import UserError
 from qkdtls.cli.qkd_link import parse_size
-
-EXAMPLES = {
-    "chain-4": "a chain of four sites (A-B-C-D): the end sites are three links apart",
-    "ring-5": "a ring of five sites: two node-disjoint paths between any two sites",
-    "spread-8": "the eight-KME network of the key-spreading paper (1 -> {2,3,4} -> {5,6,7} -> 8)",
-}
+from qkdtls.network.topology import EXAMPLES, example_path
 
 
 def register(subparsers: Any) -> None:
@@ -93,16 +87,10 @@ def register(subparsers: Any) -> None:
     examples.set_defaults(func=cmd_examples)
 
 
-def example_path(name: str) -> Path:
-    return Path(str(resources.files("qkdtls.network").joinpath("examples", f"{name}.toml")))
-
-
 def _topology(text: str, *, base_port: int | None = None) -> tuple[Any, str]:
-    from qkdtls.network.topology import TopologyError, load_topology
+    from qkdtls.network.topology import TopologyError, load_topology, topology_path
 
-    path = Path(text)
-    if not path.exists() and text in EXAMPLES:
-        path = example_path(text)
+    path = topology_path(text)
     try:
         topology = load_topology(path, base_port=base_port)
         return topology, path.read_text(encoding="utf-8")

@@ -5,9 +5,10 @@
   list are added, down when the proxy could not reach them. Without any router (KMEs of plain point-to-point
   links) the view is built from the KMEs' own link reports: a site is up when it answered, a link when both
   its ends did, and its stock is what its ends report.
-- ``relay``: relay counts added over the KMEs, ``last_paths`` of every KME (newest first, duplicates
-  dropped), and bytes consumed per link, purpose and mode (the larger of the two ends' counts: both ends of a
-  hop consume the same pad and MAC bytes).
+- ``relay``: relay counts added over the KMEs (each relay is counted by the KME it started from),
+  ``last_paths`` of every KME (newest first, duplicates dropped), bytes consumed per link, purpose and mode
+  added over the KMEs (each KME counts what it spent as the sender of a hop, on either end of a link) and the
+  hop message counters added.
 - ``names``, ``title``, ``sources`` (which KME answered, or why not).
 """
 
@@ -109,6 +110,7 @@ def _relay(stats: Sequence[Any]) -> dict[str, Any] | None:
     relays: dict[str, int] = {}
     paths: dict[str, Mapping[str, Any]] = {}
     consumed: dict[tuple[int, int, str, str], int] = {}
+    hops: dict[str, int] = {}
     for s in stats:
         counts = s.get("relays")
         for name, n in counts.items() if isinstance(counts, Mapping) else ():
@@ -129,7 +131,11 @@ def _relay(stats: Sequence[Any]) -> dict[str, Any] | None:
             ):
                 continue
             key = (min(link), max(link), str(c.get("purpose")), str(c.get("mode")))
-            consumed[key] = max(consumed.get(key, 0), n)
+            consumed[key] = consumed.get(key, 0) + n
+        counters = s.get("hops")
+        for name, n in (counters.items() if isinstance(counters, Mapping) else ()):
+            if isinstance(n, int) and not isinstance(n, bool):
+                hops[str(name)] = hops.get(str(name), 0) + n
 
     def newest(entry: Mapping[str, Any]) -> float:
         at = entry.get("at")
@@ -142,4 +148,5 @@ def _relay(stats: Sequence[Any]) -> dict[str, Any] | None:
             {"link": [a, b], "purpose": purpose, "mode": mode, "bytes": n}
             for (a, b, purpose, mode), n in sorted(consumed.items())
         ],
+        "hops": dict(sorted(hops.items())),
     }

@@ -15,6 +15,7 @@ import tomllib
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,26 @@ MAX_SITES = 64
 MAX_RATE = 64 * 1024 * 1024
 
 
+# The topologies shipped in qkdtls/network/examples/.
+EXAMPLES = {
+    "chain-4": "a chain of four sites (A-B-C-D): the end sites are three links apart",
+    "ring-5": "a ring of five sites: two node-disjoint paths between any two sites",
+    "spread-8": "the eight-KME network of the key-spreading paper (1 -> {2,3,4} -> {5,6,7} -> 8)",
+}
+
+
 class TopologyError(ValueError):
     """A topology mistake; the message names the file and the field."""
+
+
+def example_path(name: str) -> Path:
+    return Path(str(resources.files("qkdtls.network").joinpath("examples", f"{name}.toml")))
+
+
+def topology_path(text: str | Path) -> Path:
+    """A topology file, or the file of the shipped example of that name (when no such file exists)."""
+    path = Path(text)
+    return example_path(str(text)) if not path.exists() and str(text) in EXAMPLES else path
 
 
 @dataclass(frozen=True)
