@@ -20,7 +20,7 @@ import ipaddress
 import json
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,8 @@ class MapProxy:
         self._ready = threading.Event()
         self._closing: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self._cache: tuple[float, dict[str, Any]] | None = None
-        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+        self._cache: dict[object, tuple[float, Any]] = {}
+        self._inflight: dict[object, asyncio.Task[Any]] = {}
 
     @property
     def url(self) -> str:
@@ -191,20 +191,31 @@ class MapProxy:
         return doc if isinstance(doc, dict) else "the answer is not a JSON object"
 
     async def network_document(self) -> dict[str, Any]:
-        """The merged document, fetched at most once per CACHE_SECONDS (callers in between share it)."""
+        """The merged document of every KME."""
+        return await self._cached("network", self._merge)
+
+    async def kme_document(self, kme_id: int) -> dict[str, Any] | str:
+        """KME ``kme_id``'s own document (or why it could not be had)."""
+        return await self._cached(kme_id, lambda: self.fetch(kme_id))
+
+    async def _cached(self, key: object, make: Callable[[], Awaitable[Any]]) -> Any:
+        """At most one upstream fetch per ``key`` every CACHE_SECONDS: callers in between share its answer."""
         loop = asyncio.get_running_loop()
-        if self._cache is not None and loop.time() - self._cache[0] < CACHE_SECONDS:
-            return self._cache[1]
-        if self._inflight is None:
-            self._inflight = loop.create_task(self._merge())
-            self._inflight.add_done_callback(lambda _f: setattr(self, "_inflight", None))
-        doc = await asyncio.shield(self._inflight)
-        self._cache = (loop.time(), doc)
-        return doc
+        cached = self._cache.get(key)
+        if cached is not None and loop.time() - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        task = self._inflight.get(key)
+        if task is None:
+            task = loop.create_task(make())
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        value = await asyncio.shield(task)
+        self._cache[key] = (loop.time(), value)
+        return value
 
     async def _merge(self) -> dict[str, Any]:
         ids = sorted(self.upstreams)
-        answers = await asyncio.gather(*(self.fetch(k) for k in ids))
+        answers = await asyncio.gather(*(self.kme_document(k) for k in ids))
         return merge_documents(
             dict(zip(ids, answers, strict=True)),
             sites=[(u.kme_id, u.name, u.saes) for u in (self.upstreams[k] for k in ids)],
@@ -247,17 +258,16 @@ class MapProxy:
         return kme_id
 
     async def _kme_doc(self, kme_id: int) -> dict[str, Any]:
-        doc = await self.fetch(kme_id)
+        doc = await self.kme_document(kme_id)
         if isinstance(doc, str):
             raise web.HTTPBadGateway(
                 text=json.dumps({"message": f"KME {kme_id}: {doc}"}), content_type="application/json"
             )
-        doc["names"] = {str(u.kme_id): u.name for u in self.upstreams.values()}
-        return doc
+        return {**doc, "names": {str(u.kme_id): u.name for u in self.upstreams.values()}}
 
     async def _kme_page(self, request: web.Request) -> web.Response:
         kme_id = self._kme_id(request)
-        doc = await self.fetch(kme_id)
+        doc = await self.kme_document(kme_id)
         initial = None
         if not isinstance(doc, str):
             initial = {**doc, "names": {str(u.kme_id): u.name for u in self.upstreams.values()}}
