@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,23 +77,15 @@ def prepare(topology: Topology, mode: str, paths: int) -> Topology:
     return dataclasses.replace(topology, sites=sites, kme={**topology.kme, "relay": relay})
 
 
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        doc = json.load(answer)
-    return doc if isinstance(doc, dict) else {}
-
-
 def wait_for_routes(runner: NetworkRunner, master: int, slave_sae: int) -> float:
     """Seconds until the master's KME sees the whole network: every site up, every link up both ways, and
     where the slave SAE is (what a spread over disjoint paths needs, not only one route)."""
-    assert runner.proxy is not None
-    url = runner.proxy.url.rstrip("/") + f"/kme/{master}/api/v1/admin/network"
     sites = {s.kme_id for s in runner.layout.sites}
     links = {(min(k.a, k.b), max(k.a, k.b)) for k in runner.layout.links}
     started = time.monotonic()
     while True:
         with contextlib.suppress(OSError, ValueError):
-            routing = _get_json(url).get("routing") or {}
+            routing = runner.admin_document(master).get("routing") or {}
             nodes = {n.get("kme_id"): n for n in routing.get("nodes", [])}
             up = {(k.get("a"), k.get("b")) for k in routing.get("links", []) if k.get("up")}
             if (
@@ -171,12 +161,13 @@ def run_network_demo(
                         f"TLS-QKD from SAE {master_sae} to SAE {slave_sae} failed: {exc}"
                     ) from None
                 report.https = {"status": response.status, **response.json(), "ms": response.elapsed * 1000}
-                relay = _get_json(runner.proxy.url.rstrip("/") + f"/kme/{master_kme}/api/v1/admin/network")
-                report.relays = list((relay.get("relay") or {}).get("last_paths") or [])
-                merged = _get_json(runner.proxy.url.rstrip("/") + "/api/v1/admin/network")
-                for entry in (merged.get("relay") or {}).get("consumed_bytes") or []:
-                    link = "-".join(map(str, entry["link"]))
-                    report.consumed[link] = report.consumed.get(link, 0) + int(entry["bytes"])
+                # Fetched now from the KMEs themselves (the map proxy may answer from its short cache).
+                relay = runner.admin_document(master_kme).get("relay") or {}
+                report.relays = list(relay.get("last_paths") or [])
+                for kme in sorted(runner.testbed.kmes):
+                    for entry in (runner.admin_document(kme).get("relay") or {}).get("consumed_bytes") or []:
+                        link = "-".join(map(str, sorted(entry["link"])))
+                        report.consumed[link] = report.consumed.get(link, 0) + int(entry["bytes"])
                 if keep:
                     progress(format_network_report(report))
                     progress(runner.summary())

@@ -15,6 +15,7 @@ code of ``qkdtls qkd-link``) at its rate, and the map on a loopback port — unt
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import threading
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from qkdtls import link_sim
+from qkdtls.kme.admin_map import DOCUMENT_PATH
+from qkdtls.kme.auth import client_context
 from qkdtls.network.layout import NetworkLayout
 from qkdtls.network.map_proxy import MapProxy, Upstream
 from qkdtls.pki import PkiLayout
@@ -257,6 +260,26 @@ class NetworkRunner:
         self.testbed.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.layout.run / RUN_FILE).unlink()
+
+    def admin_document(self, kme_id: int, timeout: float = 10.0) -> dict[str, Any]:
+        """KME ``kme_id``'s ``GET /api/v1/admin/network``, fetched now with its administrator certificate."""
+        site, zone = self.layout.site(kme_id), self.pki.zones[kme_id]
+        context = client_context(zone.admin.cert, zone.admin.key, zone.ca)
+        conn = http.client.HTTPSConnection(site.host, site.sae_port, context=context, timeout=timeout)
+        try:
+            conn.request("GET", DOCUMENT_PATH)
+            answer = conn.getresponse()
+            body = answer.read()
+        except http.client.HTTPException as exc:
+            raise OSError(f"KME {kme_id}: {type(exc).__name__}") from None
+        finally:
+            conn.close()
+        if answer.status != 200:
+            raise OSError(f"KME {kme_id} answered {DOCUMENT_PATH} with HTTP {answer.status}")
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError(f"KME {kme_id}: {DOCUMENT_PATH} is not a JSON object")
+        return doc
 
     def kme_pids(self) -> dict[int, int | None]:
         return {k: kme.proc.pid if kme.proc is not None else None for k, kme in self.testbed.kmes.items()}
