@@ -81,8 +81,7 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
     assert init.returncode == 0, init.stderr
     map_port = free_port_run(1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qkdtls", "network", "up", str(root), "--map-port", str(map_port),
-         "--rate", "64K"],
+        [sys.executable, "-m", "qkdtls", "network", "up", str(root), "--map-port", str(map_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     out = Output(proc)
@@ -101,12 +100,24 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
         for path in re.findall(r"--kme-(?:cert|key|ca) (\S+)", text) + re.findall(r"admin: cert (\S+)", text):
             assert Path(path).is_file(), path
         assert f"http://127.0.0.1:{map_port}/api/v1/admin/map" in text
-        assert "1-2 64 KiB/s" in text
+        assert "1-2 16 KiB/s, 2-3 32 KiB/s, 3-4 16 KiB/s" in text  # the topology's rate per link
 
         run = load_run_file(root)
         assert run is not None and run["pid"] == proc.pid
         pids = {k: v["pid"] for k, v in run["kmes"].items()}
         assert len(pids) == 4 and all(_alive(p) for p in pids.values())
+        assert [(link["between"], link["rate"]) for link in run["links"]] == [
+            ([1, 2], 16384),
+            ([2, 3], 32768),
+            ([3, 4], 16384),
+        ]
+        again = subprocess.run([sys.executable, "-m", "qkdtls", "network", "up", str(root)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (
+            again.returncode == 2
+            and f"is already running (qkdtls network up, pid {proc.pid})" in again.stderr
+        )
+        assert load_run_file(root) == run  # the running one's file is left alone
         doc_url = f"http://127.0.0.1:{map_port}/api/v1/admin/network"
 
         def routing() -> dict[str, Any]:

@@ -150,7 +150,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from qkdtls.network.layout import LayoutError, NetworkLayout
     from qkdtls.network.map_proxy import MapProxyError
-    from qkdtls.network.runner import NetworkRunner
+    from qkdtls.network.runner import NetworkRunner, RunnerError
     from qkdtls.testbed import TestbedError
 
     if args.seconds is not None and args.seconds <= 0:
@@ -165,8 +165,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         layout,
         rate=args.rate,
         map_port=args.map_port,
-        # KME logs with their info events (start, imports, relays, requests) unless more was asked for.
-        verbosity=max(1, args.verbose),
+        # KME logs: warnings and errors; `qkdtls -v network up` adds info events (requests, imports, relays).
+        verbosity=args.verbose,
         say=lambda text: print(text, flush=True),
     )
     stop = threading.Event()
@@ -174,7 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         try:
             runner.start()
-        except (TestbedError, MapProxyError, OSError) as exc:
+        except (TestbedError, MapProxyError, RunnerError, OSError) as exc:
             raise UserError(f"the network did not start: {exc}") from None
         print(runner.summary(), flush=True)
         timer = threading.Timer(args.seconds, stop.set) if args.seconds is not None else None

@@ -37,6 +37,10 @@ Say = Callable[[str], None]
 RUN_FILE = "run.json"
 
 
+class RunnerError(RuntimeError):
+    """The network cannot be started as asked (it already runs)."""
+
+
 @dataclass
 class LinkFeed:
     a: int
@@ -95,11 +99,18 @@ class NetworkRunner:
         self.state = RunState()
         self._stop = threading.Event()
         self._started_at = 0.0
+        self._run_file_written = False
 
     # --- start --------------------------------------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """KMEs (reporting each as it is ready), then the links, then the map; on failure nothing is left."""
+        running = load_run_file(self.layout.root)
+        if running is not None and _alive(running.get("pid")):
+            raise RunnerError(
+                f"{self.layout.root} is already running (qkdtls network up, pid {running['pid']}): "
+                "stop that one first"
+            )
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         self.layout.run.mkdir(parents=True, exist_ok=True)
         total = len(self.layout.sites)
@@ -178,6 +189,7 @@ class NetworkRunner:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(path)
+        self._run_file_written = True
 
     # --- what a user needs --------------------------------------------------------------------------------
 
@@ -258,8 +270,10 @@ class NetworkRunner:
         if self.proxy is not None:
             self.proxy.close()
         self.testbed.stop()
-        with contextlib.suppress(FileNotFoundError):
-            (self.layout.run / RUN_FILE).unlink()
+        if self._run_file_written:
+            with contextlib.suppress(FileNotFoundError):
+                (self.layout.run / RUN_FILE).unlink()
+            self._run_file_written = False
 
     def admin_document(self, kme_id: int, timeout: float = 10.0) -> dict[str, Any]:
         """KME ``kme_id``'s ``GET /api/v1/admin/network``, fetched now with its administrator certificate."""
@@ -301,6 +315,18 @@ def load_run_file(root: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def _indent(text: str) -> str:
