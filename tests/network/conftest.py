@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import re
 import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -76,27 +75,6 @@ def static_server() -> Iterator[Callable[[dict[str, Route]], str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-def free_port_run(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that are free now (below the ephemeral range)."""
-    import random
-
-    for _ in range(300):
-        base = random.randrange(20000, 32000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports")
 
 
 def colour_count(image: Image.Image, rgb: tuple[int, int, int], tolerance: int = 18) -> int:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tests.network.conftest import browse, colour_count, free_port_run
+from tests.network.conftest import browse, colour_count
 
 from qkdtls.etsi014.client import KmeClient, KmeClientSettings
 from qkdtls.network.runner import load_run_file
 from qkdtls.pki import PkiLayout
+from qkdtls.testbed import free_port, free_port_run
 
 RED, GREEN = (214, 39, 40), (44, 160, 44)
 BOUND = 60.0  # seconds: generous on a loaded 2-core machine
@@ -79,7 +80,7 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert init.returncode == 0, init.stderr
-    map_port = free_port_run(1)
+    map_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkdtls", "network", "up", str(root), "--map-port", str(map_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,

@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import json
 import ssl
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ from qkdtls.http11.client import HttpClient, HttpClientError
 from qkdtls.kme.admin_map import DOCUMENT_PATH, PAGE_PATH, render_page
 from qkdtls.kme.auth import client_context
 from qkdtls.network.map_view import merge_documents
+from qkdtls.web_thread import ThreadedWebApp
 
 LOOPBACK = "127.0.0.1"
 UPSTREAM_TIMEOUT = 2.5
 CACHE_SECONDS = 0.5
-START_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,11 @@ def _check_loopback(host: str) -> None:
         raise MapProxyError(f"the map proxy listens on loopback addresses only, not {host!r}")
 
 
-class MapProxy:
+class MapProxy(ThreadedWebApp):
+    what = "the map proxy"
+    thread_name = "network-map"
+    access_log = False
+
     def __init__(
         self,
         upstreams: Sequence[Upstream],
@@ -77,23 +80,14 @@ class MapProxy:
         timeout: float = UPSTREAM_TIMEOUT,
     ) -> None:
         _check_loopback(host)
+        super().__init__(host, port)
         self.upstreams = {u.kme_id: u for u in upstreams}
         self.links = list(links)
         self.title = title
-        self.host, self.port = host, port
         self.timeout = timeout
         self._clients: dict[int, HttpClient] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._closing: asyncio.Event | None = None
-        self._error: BaseException | None = None
         self._cache: dict[object, tuple[float, Any]] = {}
         self._inflight: dict[object, asyncio.Task[Any]] = {}
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
 
     @property
     def map_url(self) -> str:
@@ -102,62 +96,22 @@ class MapProxy:
     def kme_map_url(self, kme_id: int) -> str:
         return f"http://{self.host}:{self.port}/kme/{kme_id}{PAGE_PATH}"
 
-    # --- lifecycle ----------------------------------------------------------------------------------------
+    def error(self, message: str) -> Exception:
+        return MapProxyError(message)
 
-    def start(self) -> MapProxy:
-        self._thread = threading.Thread(target=self._run, name="network-map", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT):
-            raise MapProxyError("the map proxy did not start")
-        if self._error is not None:
-            raise MapProxyError(f"the map proxy cannot listen on {self.host}:{self.port}: {self._error}")
-        return self
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._loop is not None and self._closing is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._closing.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> MapProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start(); the thread must not die silently
-            self._error = exc
-            self._ready.set()
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        self._closing = asyncio.Event()
+    def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._only_this_host])
         app.router.add_get("/", self._index)
         app.router.add_get(PAGE_PATH, self._network_page)
         app.router.add_get(DOCUMENT_PATH, self._network_document)
         app.router.add_get("/kme/{kme_id}" + PAGE_PATH, self._kme_page)
         app.router.add_get("/kme/{kme_id}" + DOCUMENT_PATH, self._kme_document)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-            if runner.addresses:  # port 0: learn the one the kernel chose
-                self.port = int(runner.addresses[0][1])
-            self._ready.set()
-            await self._closing.wait()
-        finally:
-            await runner.cleanup()
-            for client in self._clients.values():
-                await client.close()
-            self._clients.clear()
+        return app
+
+    async def on_close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
 
     # --- upstream -----------------------------------------------------------------------------------------
 
