@@ -380,7 +380,9 @@ class Sites:
 def two_sites(root: Path, store: str = "sqlite", key_bytes: int = 1 << 20) -> Iterator[Sites]:
     from qkdtls.testbed import Testbed
 
-    testbed = Testbed.create(root, store=store, initial_key_bytes=key_bytes)
+    # The paper's two KMEs exchange nothing but reservations: link-state adverts would add to the counts.
+    network_off = {"network": {"enabled": False}}
+    testbed = Testbed.create(root, store=store, initial_key_bytes=key_bytes, kme_config=network_off)
     routes: dict[str, tuple[str, int] | None] = {
         "kme12": (LOOPBACK, testbed.kmes[2].inter_kme_port),
         "kme21": (LOOPBACK, testbed.kmes[1].inter_kme_port),

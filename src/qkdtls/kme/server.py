@@ -111,8 +111,8 @@ class KmeServer:
             peers = IdentityMap([(p.identity, p.kme_id) for p in cfg.peers], cfg.inter_kme.listen.client_ca)
             inter_api = InterKmeApi(self.service, peers, self.metrics)
             inter_router = inter_api.router()
-            if self.router is not None and self.router.db is not None:
-                self._exchange = self._link_state(cfg, self.router.db, peers)
+            if self.router is not None:
+                self._exchange = self._link_state(cfg, self.router, peers)
                 self._exchange.register(inter_router)
                 await self._exchange.start()
             listen = cfg.inter_kme.listen
@@ -153,11 +153,17 @@ class KmeServer:
         static = {s.sae_id: s.kme_id for s in cfg.saes}
         return Router(cfg.kme_id, neighbours, settings=network, saes=static, db=db)
 
-    def _link_state(self, cfg: KmeConfig, db: LinkStateDb, peers: IdentityMap[int]) -> LinkStateExchange:
+    def _link_state(self, cfg: KmeConfig, router: Router, peers: IdentityMap[int]) -> LinkStateExchange:
+        """The exchange feeding the router's database; with ``[network] enabled = false`` it only answers
+        peers' adverts with 503."""
         assert self.service is not None and self._store is not None
-        stock = store_stock(self._store, cfg.kme_id, list(db.neighbours), self.service.direction_of)
+        neighbours = sorted(router.neighbours)
+        db = router.db if router.db is not None else LinkStateDb(cfg.kme_id, neighbours, cfg.network.timers)
+        stock = store_stock(self._store, cfg.kme_id, neighbours, self.service.direction_of)
         own_saes = [s.sae_id for s in cfg.saes if s.kme_id == cfg.kme_id]
-        return LinkStateExchange(db, cfg.peers, peers, stock, own_saes, name=cfg.nickname)
+        return LinkStateExchange(
+            db, cfg.peers, peers, stock, own_saes, name=cfg.nickname, enabled=router.db is not None
+        )
 
     async def _listen(
         self,

@@ -347,3 +347,19 @@ def test_flooding_terminates_and_every_database_agrees(
     net.tick()
     # Steady state: one batch per link direction per hello, nothing flooded.
     assert net.delivered - delivered == 2 * len(links)
+
+
+def test_small_stock_moves_wait_for_the_refresh() -> None:
+    db = LinkStateDb(1, [2], TIMERS)
+    first = db.originate(0.0, WALL0, {2: (800, 800)}, [])
+    assert first is not None
+    assert db.originate(1.0, WALL0 + 1000, {2: (800, 800)}, []) is None  # nothing new
+    assert db.originate(2.0, WALL0 + 2000, {2: (701, 800)}, []) is None  # less than an eighth
+    moved = db.originate(3.0, WALL0 + 3000, {2: (700, 800)}, [])  # an eighth
+    assert moved is not None and moved.links[0].stock_out_blocks == 700
+    assert db.originate(4.0, WALL0 + 4000, {2: (700, 799)}, []) is None
+    refreshed = db.originate(3.0 + TIMERS.refresh_interval, WALL0 + 20_000, {2: (700, 799)}, [])
+    assert refreshed is not None and refreshed.links[0].stock_in_blocks == 799
+    assert db.originate(20.0, WALL0 + 21_000, {2: (0, 799)}, []) is not None  # empty: at once
+    assert db.originate(21.0, WALL0 + 22_000, {2: (1, 799)}, []) is not None  # no longer empty
+    assert db.originate(22.0, WALL0 + 23_000, {2: (1, 799)}, [1001]) is not None  # an SAE more

@@ -9,7 +9,7 @@ flight per peer, at least ``MIN_SEND_GAP`` apart, each bounded by ``dead_interva
 delays only its own outbox. A request that fails puts its adverts back (unless newer ones are queued).
 
 Callee side (:meth:`LinkStateExchange.handle`): the caller must present the client certificate of a
-configured peer (401 otherwise), stay within ``MAX_REQUEST_RATE`` (429), and send a batch the decoder and
+configured peer (401 otherwise), stay within ``MAX_BYTE_RATE`` (429), and send a batch the decoder and
 the database accept; malformed, oversized, looping, misrouted or replayed batches are answered 400 with an
 ETSI-style ``{"message", "details"}`` body and change nothing.
 """
@@ -34,7 +34,17 @@ from qkdtls.kme.config import Peer
 from qkdtls.kme.errors import BadRequestError, KmeError, UnauthorizedError, UnavailableError
 from qkdtls.kme.quotas import RateLimit, TokenBucket
 from qkdtls.kme.routes import json_response, parse_json_body
-from qkdtls.kme.routing.lsa import MAX_BATCH, Advert, AdvertError, StaleAdvert, decode_batch, encode_batch
+from qkdtls.kme.routing.lsa import (
+    BATCH_OVERHEAD,
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    Advert,
+    AdvertError,
+    StaleAdvert,
+    decode_batch,
+    encode_advert,
+    join_batch,
+)
 from qkdtls.kme.routing.lsdb import LinkStateDb, NotANeighbour
 from qkdtls.kme.store import KeyStore
 from qkdtls.net.admission import LogLimiter
@@ -45,8 +55,11 @@ LINK_STATE_PATH = "/kme/v1/link-state"
 MSG_NOT_A_PEER = "the client certificate does not identify a peer KME of this KME"
 # A sender waits this long between two requests to one peer: adverts arriving meanwhile travel together.
 MIN_SEND_GAP = 0.02
-# Requests accepted per peer: far above what MIN_SEND_GAP lets an honest sender make.
-MAX_REQUEST_RATE = RateLimit(rate=100.0, burst=200)
+# What one peer may make this KME parse: bytes per second (a request counts at least REQUEST_COST bytes),
+# far above what an honest sender needs (adverts change rarely, MIN_SEND_GAP spaces its requests), and
+# bounding the decoding work (about 20 ns a byte) to a few per cent of a core per peer.
+MAX_BYTE_RATE = RateLimit(rate=1 << 20, burst=2 * MAX_BODY_BYTES)
+REQUEST_COST = 4096
 
 StockSource = Callable[[], Awaitable[Mapping[int, tuple[int, int]]]]
 
@@ -114,6 +127,7 @@ class LinkStateExchange:
         self._buckets: dict[int, TokenBucket] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._limited = LogLimiter(log)
+        self._up: set[int] = set()  # peers up at the last tick (for the peer_down log)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -122,12 +136,14 @@ class LinkStateExchange:
 
     async def start(self) -> None:
         """Originate the first advert (before the listeners answer) and start the timer and the senders."""
+        if not self.enabled:
+            return
         await self._read_stock()
         self._originate()
         self._tasks.append(asyncio.create_task(self._tick(), name="kme-link-state"))
-        if self.enabled:
-            for peer_id, outbox in sorted(self._outboxes.items()):
-                self._tasks.append(asyncio.create_task(self._send(outbox), name=f"kme-link-state-{peer_id}"))
+        for peer_id, outbox in sorted(self._outboxes.items()):
+            outbox.wake.set()  # the first hello at once: a peer already running learns of us now
+            self._tasks.append(asyncio.create_task(self._send(outbox), name=f"kme-link-state-{peer_id}"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -151,12 +167,23 @@ class LinkStateExchange:
                     log.info("adverts expired", extra={"event": "routing.expired", "origins": list(gone)})
                 await self._read_stock()
                 self._originate()
+                self._log_liveness()
                 for outbox in self._outboxes.values():
                     outbox.wake.set()  # the hello: our own advert goes with every request, new or not
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("link-state timer failed", extra={"event": "routing.tick_failed"})
+
+    def _log_liveness(self) -> None:
+        now = self._clock()
+        up = {n for n in self.db.neighbours if self.db.neighbour_up(n, now)}
+        for peer_id in sorted(self._up - up):
+            log.warning(
+                "peer KME down: nothing heard within dead_interval",
+                extra={"event": "routing.peer_down", "peer_KME_ID": peer_id},
+            )
+        self._up = up
 
     async def _read_stock(self) -> None:
         try:
@@ -204,25 +231,40 @@ class LinkStateExchange:
             own = self.db.own
             if own is None:
                 continue
-            others = [outbox.pending.pop(o) for o in sorted(outbox.pending)[: MAX_BATCH - 1]]
+            parts = [encode_advert(own.sent_by(me))]
+            size = BATCH_OVERHEAD + len(parts[0])
+            taken: list[Advert] = []
+            for origin in sorted(outbox.pending):
+                if len(parts) == MAX_BATCH:
+                    break
+                advert = outbox.pending[origin]
+                if origin == me:  # our own goes first, in its newest version
+                    del outbox.pending[origin]
+                    continue
+                encoded = encode_advert(advert)
+                if size + 1 + len(encoded) > MAX_BODY_BYTES:
+                    break
+                del outbox.pending[origin]
+                taken.append(advert)
+                parts.append(encoded)
+                size += 1 + len(encoded)
             if outbox.pending:
                 outbox.wake.set()  # the rest goes in the next request
-            batch = [own.sent_by(me), *(a for a in others if a.origin != me)]
             try:
-                await self._post(outbox, batch)
+                await self._post(outbox, join_batch(parts))
             except asyncio.CancelledError:
                 raise
             except Exception:
-                outbox.queue(others)  # try again with the next hello, unless newer ones come first
+                outbox.queue(taken)  # try again with the next hello, unless newer ones come first
                 outbox.wake.clear()
             await asyncio.sleep(MIN_SEND_GAP)
 
-    async def _post(self, outbox: _Outbox, batch: list[Advert]) -> None:
+    async def _post(self, outbox: _Outbox, body: bytes) -> None:
         peer_id = outbox.peer.kme_id
         self.stats.sent_requests += 1
         try:
             client = self._client(outbox)
-            response = await client.request("POST", outbox.path, encode_batch(batch))
+            response = await client.request("POST", outbox.path, body)
         except (HttpClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             self.stats.failed_requests += 1
             self._limited(
@@ -268,8 +310,8 @@ class LinkStateExchange:
         now = self._clock()
         bucket = self._buckets.get(caller)
         if bucket is None:
-            bucket = self._buckets[caller] = TokenBucket(MAX_REQUEST_RATE, now)
-        if bucket.wait_for(1, now) > 0:
+            bucket = self._buckets[caller] = TokenBucket(MAX_BYTE_RATE, now)
+        if bucket.wait_for(max(REQUEST_COST, min(len(request.body), MAX_BODY_BYTES)), now) > 0:
             self.stats.add(self.stats.refused, "rate")
             raise TooManyAdverts(f"too many link-state requests from KME {caller}")
         try:
@@ -294,6 +336,7 @@ class LinkStateExchange:
                 outbox.queue(adverts_out)
         if accepted.came_up:
             log.info("peer KME up", extra={"event": "routing.peer_up", "peer_KME_ID": caller})
+            self._up.add(caller)
             self._originate()  # our link to it is up now
             outbox = self._outboxes.get(caller)
             if outbox is not None:

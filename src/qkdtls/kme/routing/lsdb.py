@@ -15,7 +15,8 @@ Rules (docs/design.md, "Network: topology and routing"):
 - A new advert is sent on to every neighbour not on its path; a neighbour that comes up, or whose own
   advert shows a new ``boot`` (it restarted, maybe within the dead interval), gets the whole database (so
   a KME that restarts, or a healed partition, learns everything at once).
-- Adverts not replaced for ``max_age`` expire (an origin sends a new one at least every ``max_age / 4``).
+- An origin sends a new advert when a link goes up or down, its SAEs change, or a stock moves by an eighth
+  or more, and at least every ``max_age / 4``; adverts not replaced for ``max_age`` expire.
 - A link is usable when both ends advertise it up (two-way check); this KME's own links use its current
   liveness view rather than its last advert.
 """
@@ -144,7 +145,11 @@ class LinkStateDb:
         saes: Iterable[int],
         name: str = "",
     ) -> Advert | None:
-        """This KME's advert with a new ``seq`` when its content changed or a refresh is due, else None.
+        """This KME's advert with a new ``seq`` when it says something new or a refresh is due, else None.
+
+        New: a link up or down, other SAEs or name, or a stock that moved by an eighth or more (or to or
+        from zero). Smaller moves wait for the refresh: keys drawn every second would otherwise flood the
+        network every second, and the relay checks the stock itself anyway.
 
         ``stocks``: neighbour -> (free blocks this KME draws, free blocks the neighbour draws);
         ``wall_ms``: the wall clock in milliseconds, so ``seq`` grows across restarts."""
@@ -161,7 +166,7 @@ class LinkStateDb:
         if (
             previous is not None
             and entry is not None
-            and (previous.links, previous.saes, previous.name) == (advert.links, advert.saes, advert.name)
+            and not _news(previous, advert)
             and now - entry.installed_at < self.timers.refresh_interval
             and previous.seq >= self._seq_floor
         ):
@@ -327,6 +332,21 @@ class LinkStateDb:
             LinkView(a, b, b in graph.get(a, {}), stock["ab"], stock["ba"])
             for (a, b), stock in sorted(views.items())
         ]
+
+
+def _news(old: Advert, new: Advert) -> bool:
+    if (old.saes, old.name) != (new.saes, new.name):
+        return True
+    if [(link.peer, link.up) for link in old.links] != [(link.peer, link.up) for link in new.links]:
+        return True
+    for was, now in zip(old.links, new.links, strict=True):
+        for before, after in (
+            (was.stock_out_blocks, now.stock_out_blocks),
+            (was.stock_in_blocks, now.stock_in_blocks),
+        ):
+            if after != before and (before == 0 or after == 0 or abs(after - before) * 8 >= before):
+                return True
+    return False
 
 
 def _lower(known: int | None, value: int) -> int:
