@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from qkdtls.kme.relay.stats import RelayStats
 from qkdtls.kme.service import LinkReport
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -92,6 +93,42 @@ class PolicyStats(Collector):
         yield uncollected
 
 
+class RelayMetrics(Collector):
+    """The relay node's counters (kme/relay/stats.py), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.stats: RelayStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        consumed = CounterMetricFamily(
+            "qkdtls_kme_relay_bytes",
+            "Link key material this KME consumed as the sender of relay messages, per link, purpose (key: "
+            "blocks that became a key or share, pad: one-time pads, mac: one-time MAC keys) and mode",
+            labels=("peer_kme", "purpose", "mode"),
+        )
+        relays = CounterMetricFamily(
+            "qkdtls_kme_relays",
+            "Relays this KME originated (enc_keys for SAEs behind other KMEs), per mode and outcome",
+            labels=("mode", "outcome"),
+        )
+        hops = CounterMetricFamily(
+            "qkdtls_kme_relay_hops",
+            "Relay hop messages received: accepted, malformed, replay, tampered, unavailable",
+            labels=("outcome",),
+        )
+        stats = self.stats
+        if stats is not None:
+            for (peer, purpose, mode), nbytes in sorted(stats.consumed.items()):
+                consumed.add_metric((str(peer), purpose, mode), nbytes)
+            for (mode, outcome), count in sorted(stats.relays.items()):
+                relays.add_metric((mode, outcome), count)
+            for outcome, count in sorted(stats.hops.items()):
+                hops.add_metric((outcome,), count)
+        yield consumed
+        yield relays
+        yield hops
+
+
 class KmeMetrics:
     def __init__(self, kme_id: int) -> None:
         self.kme_id = kme_id
@@ -113,6 +150,8 @@ class KmeMetrics:
         r.register(self.requests)
         self.policy = PolicyStats()
         r.register(self.policy)
+        self.relay = RelayMetrics()
+        r.register(self.relay)
         self.stock_blocks = Gauge(
             "qkdtls_kme_stock_blocks",
             "Free key blocks per link and direction",
@@ -161,6 +200,10 @@ class KmeMetrics:
     def update_policy(self, refusals: Mapping[str, int], uncollected: Mapping[int, int]) -> None:
         self.policy.refusals = dict(refusals)
         self.policy.uncollected = dict(uncollected)
+
+    def watch_relay(self, stats: RelayStats) -> None:
+        """Export a relay node's counters (read at each scrape)."""
+        self.relay.stats = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

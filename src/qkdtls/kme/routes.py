@@ -245,6 +245,7 @@ class SaeApi:
             raise BadRequestError("metrics are disabled in this KME's configuration")
         self.metrics.update_links(await self.service.link_reports())
         self.metrics.update_policy(self.service.refusals, await self.service.uncollected_by_master())
+        self.metrics.watch_relay(self.service.relay.stats)
         return Response(200, self.metrics.render(), CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:

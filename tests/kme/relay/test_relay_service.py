@@ -4,6 +4,7 @@ multicast to two KMEs, what each link pays, tampering, replay, malformed and loo
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 
 from qkdtls.etsi014.models import KeyRequest
 from qkdtls.kme.errors import BadRequestError, KmeError, UnavailableError
+from qkdtls.kme.relay import sharing
 from qkdtls.kme.relay.hop import seal
 from qkdtls.kme.relay.messages import HopMessage, RelayItem, decode_message
+from qkdtls.kme.relay.otp import xor
 from qkdtls.kme.relay.policy import RelayPolicy, RelaySettings
 from qkdtls.kme.store import Block
 
@@ -248,3 +251,51 @@ async def test_the_decoder_round_trips(four: Net) -> None:
     msg = HopMessage(2, 3, (0, 2), 100, (item,))
     again = decode_message(msg.encode())
     assert again == msg
+
+
+async def test_shamir_spread_no_two_intermediates_learn_the_key(tmp_path: Path) -> None:
+    """Four node-disjoint paths 1-k-6 (k = 2..5), Shamir 3-of-4: what each intermediate received, opened with
+    its own link material, is one share; any three shares rebuild the key; any two are consistent with
+    every value of the key (here: every value of its first byte)."""
+    links = [(1, k) for k in (2, 3, 4, 5)] + [(k, 6) for k in (2, 3, 4, 5)]
+    net = await network(tmp_path, links)
+    try:
+        sent = await net.services[1].enc_keys(1001, "6001", spread(4, 3))
+        key = b"".join(k.key for k in sent.keys)
+        seen: dict[int, list[tuple[int, bytes]]] = {}
+        for m in net.sent:
+            if m.receiver == 6:
+                continue
+            for item in decode_message(m.body).items:
+                assert item.share is not None and item.share.scheme == "shamir" and not item.blocks
+                pad = b"".join(net.block(m.sender, m.receiver, s) for s in item.pad)[: len(item.data)]
+                seen.setdefault(m.receiver, []).append((item.share.x, xor(item.data, pad)))
+        assert sorted(seen) == [2, 3, 4, 5] and all(len(v) == 1 for v in seen.values())
+        points = [v[0] for v in seen.values()]
+        assert len({x for x, _ in points}) == 4 and key not in {y for _, y in points}
+        for trio in itertools.combinations(points, 3):
+            assert sharing.shamir_combine(list(trio)) == key
+        for pair in itertools.combinations(points, 2):
+            known = [(x, y[0]) for x, y in pair]
+            for candidate in range(256):
+                # The polynomial through the pair's first bytes and this key byte gives a complete 3-of-4
+                # sharing that agrees with everything the two saw.
+                curve = [(0, candidate), *known]
+                full = [(x, bytes([_lagrange(curve, x)])) for x in range(1, 5)]
+                assert all(full[x - 1][1] == bytes([y]) for x, y in known)
+                assert sharing.shamir_consistent(full, 3)
+                assert sharing.shamir_combine(full[:3]) == bytes([candidate])
+    finally:
+        await net.close()
+
+
+def _lagrange(points: list[tuple[int, int]], at: int) -> int:
+    """The polynomial through ``points`` (x, byte) over GF(2^8), evaluated at ``at``."""
+    total = 0
+    for i, (xi, yi) in enumerate(points):
+        weight = 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                weight = sharing.gf_mul(weight, sharing.gf_div(at ^ xj, xi ^ xj))
+        total ^= sharing.gf_mul(yi, weight)
+    return total

@@ -3,7 +3,8 @@
 With ``QKDTLS_RELAY_LEDGER=DIR`` in its environment a KME appends to ``DIR/kme<ID>.ledger`` one line per
 block it consumes for a relay: ``spend <peer> <purpose> <seq>`` when it consumed a block of its own direction
 for a message it is about to send (written after the durable deletion, before the message leaves), and
-``take <peer> <seq>`` when it consumed a block a neighbour named in a message it accepted. The tests read
+``take <peer> <seq>`` when it consumed a block a neighbour named in a message it accepted, and
+``recv <peer> <base64 body>`` for every hop message it received (what an intermediate KME saw). The tests read
 every KME's ledger after runs with kill -9 and check that no (link, block) appears twice: no pad or MAC key
 bit is used twice. Lines are appended with single ``write`` calls on an ``O_APPEND`` descriptor, so a kill
 leaves whole lines behind.
@@ -11,6 +12,7 @@ leaves whole lines behind.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,6 +43,10 @@ class Ledger:
 
     def taken(self, peer: int, seqs: Iterable[int]) -> None:
         self._write(f"take {peer} {seq}\n" for seq in seqs)
+
+    def received(self, peer: int, body: bytes) -> None:
+        if self._fd is not None:
+            self._write([f"recv {peer} {base64.b64encode(body).decode('ascii')}\n"])
 
     def close(self) -> None:
         if self._fd is not None:

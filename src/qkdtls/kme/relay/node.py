@@ -512,6 +512,8 @@ class RelayNode:
         for the whole message (400 malformed/looping/misrouted/not authentic, 409 blocks not free, 503)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if self.ledger:
+            self.ledger.received(caller, body)
         tag = _parse_tag(tag_text)
         if caller not in self.neighbours:
             self.stats.hops["malformed"] += 1
