@@ -23,6 +23,7 @@ from tests.network.conftest import browse, colour_count
 
 from qkdtls.etsi014.client import KmeClient, KmeClientSettings
 from qkdtls.network.runner import load_run_file
+from qkdtls.network.topology import example_path
 from qkdtls.pki import PkiLayout
 from qkdtls.testbed import free_port, free_port_run
 
@@ -74,8 +75,13 @@ def _alive(pid: int) -> bool:
 
 def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> None:
     root = tmp_path / "net"
+    # The shipped chain with faster link-state timers (a [kme] table of the topology): a dead KME shows soon.
+    topology = tmp_path / "chain.toml"
+    topology.write_text(
+        example_path("chain-4").read_text() + "\n[kme.network]\nhello_interval = 0.3\ndead_interval = 1.2\n"
+    )
     init = subprocess.run(
-        [sys.executable, "-m", "qkdtls", "network", "init", "chain-4", str(root), "--base-port",
+        [sys.executable, "-m", "qkdtls", "network", "init", str(topology), str(root), "--base-port",
          str(free_port_run(8))],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -131,7 +137,12 @@ def test_network_up_runs_the_chain_maps_it_and_stops_cleanly(tmp_path: Path) -> 
             ]
 
         def stock() -> dict[tuple[int, int], int]:
-            return {(k["a"], k["b"]): k["stock_blocks"][f"{k['a']}->{k['b']}"] for k in routing()["links"]}
+            """Free blocks a -> b of each link as KME a reports them (its store, not the adverts)."""
+            out = {}
+            for a, b in ((1, 2), (2, 3), (3, 4)):
+                reports = _get(f"http://127.0.0.1:{map_port}/kme/{a}/api/v1/admin/network")["links"]
+                out[(a, b)] = next(r["stock_blocks"]["0"] for r in reports if r["peer_KME_ID"] == b)
+            return out
 
         _until("every KME and link up", lambda: down() == ([], []) and len(routing()["links"]) == 3)
         first = stock()
