@@ -104,6 +104,26 @@ def free_port() -> int:
     raise TestbedError(f"no free TCP port on {LOOPBACK} in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that are all free now, in the same range as
+    :func:`free_port` and not handed out before (for configurations that number ports from a base)."""
+    for _ in range(200):
+        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - count)
+        ports = range(base, base + count)
+        if any(port in _HANDED_OUT for port in ports):
+            continue
+        with contextlib.ExitStack() as probes:
+            try:
+                for port in ports:
+                    probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    probe.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _HANDED_OUT.update(ports)
+        return base
+    raise TestbedError(f"no {count} consecutive free TCP ports on {LOOPBACK}")
+
+
 @dataclass
 class KmeProcess:
     kme_id: int
@@ -141,6 +161,8 @@ class Testbed:
     links: dict[tuple[int, int], _LinkFolders] = field(default_factory=dict)
     verbosity: int = 0
     event_loop: str = "auto"  # KME processes: "auto" (uvloop when installed), "uvloop" or "asyncio"
+    # KMEs in their own process group: a Ctrl-C in the terminal reaches the supervisor alone (it stops them).
+    process_group: bool = False
 
     # --- building ------------------------------------------------------------------------------------------
 
@@ -367,6 +389,7 @@ class Testbed:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.root,
+                start_new_session=self.process_group,
             )
 
     def _wait_ready(self, kme_id: int, deadline: float) -> None:

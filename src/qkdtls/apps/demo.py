@@ -106,10 +106,15 @@ class DemoReport:
 
 
 def run_handshakes(sites: DemoSites, server: HttpsServer, count: int) -> list[Handshake]:
+    return handshakes(sites.a.client, server, SITE_B_SAE, count)
+
+
+def handshakes(client: Any, server: HttpsServer, target_sae_id: int, count: int) -> list[Handshake]:
+    """``count`` TLS-QKD handshakes of the ``client`` context with ``server`` (SAE ``target_sae_id``)."""
     results = []
     for _ in range(count):
-        stream: Any = tls_connect(sites.a.client, server.address, server_hostname="localhost",
-                                  target_sae_id=SITE_B_SAE)
+        stream: Any = tls_connect(client, server.address, server_hostname="localhost",
+                                  target_sae_id=target_sae_id)
         try:
             info = stream.info
             seconds = getattr(stream, "handshake_seconds", None) or 0.0

@@ -27,6 +27,20 @@ def register(subparsers: Any) -> None:
                       help="keep the testbed and the HTTPS server running and print how to use them")
     demo.add_argument("--handshakes", type=int, default=3, help="TLS-QKD handshakes to run (default 3)")
     demo.add_argument("--call-seconds", type=float, default=2.0, help="length of the video call (default 2)")
+    network = demo.add_argument_group(
+        "network", "--network: TLS-QKD between sites several QKD links apart, keys relayed by the KMEs "
+        "between them (docs/network.md)")
+    network.add_argument("--network", action="store_true",
+                         help="run the network demo instead: handshakes between sites three links apart and "
+                         "the relay paths that carried their keys")
+    network.add_argument("--topology", default="chain-4", metavar="FILE|NAME",
+                         help="with --network: topology file or example (chain-4, ring-5, spread-8; default "
+                         "chain-4)")
+    network.add_argument("--mode", choices=("trusted", "spread"), default="trusted",
+                         help="with --network: relay mode of the KMEs (spread needs node-disjoint paths: "
+                         "--topology spread-8)")
+    network.add_argument("--paths", type=int, default=2,
+                         help="with --network --mode spread: node-disjoint paths per key (default 2)")
     demo.set_defaults(func=run_demo)
 
     server = subparsers.add_parser(
@@ -213,9 +227,27 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.handshakes < 1 or args.call_seconds <= 0:
         raise UserError("--handshakes must be >= 1 and --call-seconds > 0")
+    if args.network:
+        return run_network_demo(args)
     try:
         demo(args.dir, keep=args.keep, handshakes=args.handshakes, call_seconds=args.call_seconds)
     except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def run_network_demo(args: argparse.Namespace) -> int:
+    from qkdtls.apps.network_demo import NetworkDemoError, network_demo
+    from qkdtls.network.build import BuildError
+    from qkdtls.network.topology import TopologyError
+    from qkdtls.testbed import TestbedError
+
+    if not 2 <= args.paths <= 16:
+        raise UserError("--paths must lie within 2..16")
+    try:
+        network_demo(args.dir, topology=args.topology, mode=args.mode, paths=args.paths,
+                     count=args.handshakes, keep=args.keep, progress=lambda text: print(text, flush=True))
+    except (NetworkDemoError, BuildError, TopologyError, TestbedError) as exc:
         raise UserError(str(exc)) from None
     return 0
 

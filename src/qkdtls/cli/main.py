@@ -19,6 +19,7 @@ COMMANDS = (
     "qkdtls.cli.tls",
     "qkdtls.cli.tunnel",
     "qkdtls.cli.demo",
+    "qkdtls.cli.network",
 )
 
 

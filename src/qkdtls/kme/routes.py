@@ -14,6 +14,7 @@ from typing import Any
 
 from qkdtls.etsi014.models import BadRequest, KeyIDs, KeyRequest, parse_key_id
 from qkdtls.http11.server import ExceptionResponder, Handler, Request, Response, ResponseObserver, Router
+from qkdtls.kme.admin_map import NetworkAdmin, links_json
 from qkdtls.kme.auth import IdentityMap, peer_certificate
 from qkdtls.kme.errors import BadRequestError, KmeError, UnauthorizedError
 from qkdtls.kme.metrics import CONTENT_TYPE, KmeMetrics
@@ -157,6 +158,7 @@ class SaeApi:
             ("POST", "/api/v1/keys/{master}/dec_keys", self.dec_keys_post),
             ("GET", "/api/v1/sae/info/me", self.sae_info),
             ("GET", "/api/v1/admin/links", self.admin_links),
+            *NetworkAdmin(self.kme_id, self.service, self._admin).routes(),
             ("GET", OPENAPI_PATH, self.openapi),
             ("GET", "/metrics", self.metrics_page),
         ]
@@ -234,19 +236,7 @@ class SaeApi:
 
     async def admin_links(self, request: Request) -> Response:
         self._admin(request)
-        reports = await self.service.link_reports()
-        links = [
-            {
-                "peer_KME_ID": rep.peer_kme_id,
-                "stock_blocks": {str(d): n for d, n in sorted(rep.direction_blocks.items())},
-                "stock_bytes": rep.stock_bytes,
-                "reserved_keys": rep.reserved_keys,
-                "recollectable_keys": rep.recollectable_keys,
-                "entropy_bits_per_byte": rep.entropy_bits_per_byte,
-                "imported_bytes": rep.imported_bytes,
-            }
-            for rep in reports
-        ]
+        links = links_json(await self.service.link_reports())
         return json_response({"KME_ID": self.kme_id, "links": links})
 
     async def metrics_page(self, request: Request) -> Response:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import html
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from qkdtls.apps.video.receiver import MediaReceiver
+from qkdtls.web_thread import ThreadedWebApp
 
 LOOPBACK = "127.0.0.1"
 BOUNDARY = "qkdtlsframe"
 MAX_STREAM_FPS = 60.0
-START_TIMEOUT = 10.0
 
 _STATS_SCRIPT = """
 <script>
@@ -40,74 +39,24 @@ setInterval(refresh, 1000); refresh();
 </script>"""
 
 
-class VideoWebServer:
+class VideoWebServer(ThreadedWebApp):
     """Serves the receivers (a live mapping: receivers may be added after start)."""
 
+    what = "video web server"
+    thread_name = "video-web"
+
     def __init__(self, receivers: Mapping[str, MediaReceiver], host: str = LOOPBACK, port: int = 0) -> None:
+        super().__init__(host, port)
         self.receivers = receivers
-        self.host, self.port = host, port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._closing: asyncio.Event | None = None
-        self._error: BaseException | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
-
-    def start(self) -> VideoWebServer:
-        self._thread = threading.Thread(target=self._run, name="video-web", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT):
-            raise RuntimeError("video web server did not start")
-        if self._error is not None:
-            raise RuntimeError(f"video web server failed: {self._error}")
-        return self
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._loop is not None and self._closing is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._closing.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> VideoWebServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start(); the thread must not die silently
-            self._error = exc
-            self._ready.set()
-        finally:
-            loop.close()
-
-    async def _serve(self) -> None:
-        self._closing = asyncio.Event()
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/", self._index)
         app.router.add_get("/view/{name}", self._view)
         app.router.add_get("/stream/{name}.mjpg", self._stream)
         app.router.add_get("/frame/{name}.jpg", self._frame)
         app.router.add_get("/stats.json", self._stats)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self._runner.addresses:  # port 0: learn the one the kernel chose
-            self.port = int(self._runner.addresses[0][1])
-        self._ready.set()
-        try:
-            await self._closing.wait()
-        finally:
-            await self._runner.cleanup()
+        return app
 
     def _receiver(self, request: web.Request) -> MediaReceiver:
         receiver = self.receivers.get(request.match_info["name"])
