@@ -127,3 +127,28 @@ class Ledgers:
 def ledger_env(directory: Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     return {LEDGER_ENV: str(directory)}
+
+
+class Tally:
+    """Keys the master SAE received and the slave SAE collected: duplicates and mismatches counted."""
+
+    def __init__(self) -> None:
+        self.delivered: dict[str, bytes] = {}
+        self.values: set[bytes] = set()
+        self.collected: dict[str, bytes] = {}
+        self.duplicated = 0
+        self.mismatched = 0
+
+    def deliver(self, keys: list[dict[str, Any]]) -> None:
+        for key in keys:
+            value = base64.b64decode(key["key"])
+            if key["key_ID"] in self.delivered or value in self.values:
+                self.duplicated += 1
+            self.delivered[key["key_ID"]] = value
+            self.values.add(value)
+
+    def collect(self, keys: list[dict[str, Any]]) -> None:
+        for key in keys:
+            value = base64.b64decode(key["key"])
+            self.mismatched += value != self.delivered.get(key["key_ID"])
+            self.collected[key["key_ID"]] = value

@@ -13,7 +13,6 @@ keys with SAE 4001 at KME 4, three hops away).
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from qkdtls.kme.faults import FAULT_ENV
 from qkdtls.testbed import Testbed, chain, sites_saes
 
 from ..conftest import Caller
-from .network import Ledgers, admin, caller, ids, ledger_env, make_bed, relay_until_ok, routed
+from .network import Ledgers, Tally, admin, caller, ids, ledger_env, make_bed, relay_until_ok, routed
 
 SOAK_KEYS = int(os.environ.get("QKDTLS_RELAY_SOAK_KEYS", "5000"))
 WORKERS = 8
@@ -47,29 +46,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
             yield testbed
         finally:
             testbed.stop()
-
-
-class Tally:
-    def __init__(self) -> None:
-        self.delivered: dict[str, bytes] = {}
-        self.values: set[bytes] = set()
-        self.collected: dict[str, bytes] = {}
-        self.duplicated = 0
-        self.mismatched = 0
-
-    def deliver(self, keys: list[dict[str, Any]]) -> None:
-        for key in keys:
-            value = base64.b64decode(key["key"])
-            if key["key_ID"] in self.delivered or value in self.values:
-                self.duplicated += 1
-            self.delivered[key["key_ID"]] = value
-            self.values.add(value)
-
-    def collect(self, keys: list[dict[str, Any]]) -> None:
-        for key in keys:
-            value = base64.b64decode(key["key"])
-            self.mismatched += value != self.delivered.get(key["key_ID"])
-            self.collected[key["key_ID"]] = value
 
 
 async def start(bed: Testbed, kme: int, fault: str | None = None) -> None:

@@ -131,10 +131,19 @@ async def test_spread_intermediates_see_one_share_each(bed: Testbed, callers: di
     one, other = seen[2][0], seen[6][0]
     assert seen[3] == [one] and seen[5] == [other] and sorted(seen[4]) == sorted([one, other])
     assert xor(one, other) == key  # two intermediates together (k = 2) rebuild it ...
-    for share in (one, other):  # ... one alone: for any candidate key, the unseen share would be this
-        assert share != key
-        for candidate in (bytes(len(key)), b"\xff" * len(key), key):
-            assert xor(xor(share, candidate), share) == candidate
+    # ... one alone does not: the share of path 1-2-3-4 left KME 1 as link 1-2's own blocks (QKD material
+    # drawn for it: uniform, independent of the key), so the other share is the key one-time padded with
+    # them, and nothing the KMEs of path 1-6-5-4 received carries those bytes.
+    wanted = tuple(k["key_ID"] for k in sent)
+    received = ledgers(bed).received
+    first = [
+        i for s, r, b in received if (s, r) == (1, 2) for i in decode_message(b).items if i.key_ids == wanted
+    ]
+    assert len(first) == 1 and first[0].blocks and not first[0].data
+    assert key not in (one, other)
+    for _, receiver, body in received:
+        if receiver in (5, 6):
+            assert all(one not in item.data for item in decode_message(body).items)
 
 
 async def test_multicast_to_slaves_on_two_remote_kmes(bed: Testbed, callers: dict[int, Caller]) -> None:

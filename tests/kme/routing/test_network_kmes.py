@@ -7,7 +7,6 @@ Timings are printed (pytest -s) and bounded generously: they must hold on a load
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import ssl
@@ -25,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from qkdtls.etsi014.client import KmeClient, KmeClientSettings
 from qkdtls.kme.routing.lsa import MAX_BODY_BYTES, LinkState, encode_batch, make_advert
 from qkdtls.testbed import Testbed, chain, ring, sites_saes
+
+from ..fibre import CuttableLink, route_through
 
 # A start, a convergence or a reroute must happen within these bounds (they are far above the measured
 # times: seconds on an idle machine) so that a loaded machine does not fail the tests.
@@ -243,77 +244,12 @@ def _flood_stays_responsive(bed: Testbed) -> None:
     assert view(bed, 2).links_up[(1, 2)] == 1.0
 
 
-class CuttableLink:
-    """A TCP relay in front of one KME's inter-KME port: cutting it drops its connections and refuses new
-    ones, as a broken fibre between two running KMEs would (both ends stay up)."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._cut = False
-        self._transports: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
-        ).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._cut:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._transports |= {writer, up_writer}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._transports -= {writer, up_writer}
-
-    def cut(self, cut: bool = True) -> None:
-        def apply() -> None:
-            self._cut = cut
-            if cut:
-                for writer in list(self._transports):
-                    writer.transport.abort()
-
-        self._loop.call_soon_threadsafe(apply)
-
-    def close(self) -> None:
-        self.cut()
-        self._server.close()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-
-def _through(bed: Testbed, kme_id: int, peer: int, link: CuttableLink) -> None:
-    """Make ``kme_id`` call ``peer``'s inter-KME interface through ``link``."""
-    config = bed.config_path(kme_id)
-    direct = f'url = "{bed.inter_kme_url(peer)}"'
-    text = config.read_text()
-    assert text.count(direct) == 1
-    config.write_text(text.replace(direct, f'url = "https://127.0.0.1:{link.port}"'))
-
-
 def test_a_ring_of_five_routes_around_a_cut_link_and_a_stopped_kme(tmp_path: Path) -> None:
     kmes, links = [1, 2, 3, 4, 5], sorted(ring(5))
     bed = Testbed.create(tmp_path, saes=sites_saes(5), links=links, initial_key_bytes=8192, local_key_bytes=0)
     fibre = [CuttableLink(bed.kmes[3].inter_kme_port), CuttableLink(bed.kmes[2].inter_kme_port)]
-    _through(bed, 2, 3, fibre[0])
-    _through(bed, 3, 2, fibre[1])
+    route_through(bed, 2, 3, fibre[0])
+    route_through(bed, 3, 2, fibre[1])
     ready: list[float] = []
     bed.start(on_ready=lambda _: ready.append(time.monotonic()), redraw_ports=False)
     try:
