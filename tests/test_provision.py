@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from qkdtls.etsi014.client import KmeClient, KmeClientSettings
 from qkdtls.pki import PkiLayout
 from qkdtls.provision import KmeSettings, ProvisionError, Site, provision
+from qkdtls.testbed import free_port_run
 
 START_TIMEOUT = 60.0
 
@@ -26,29 +26,6 @@ def _qkdtls(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "qkdtls.cli.main", *argv], capture_output=True, text=True, timeout=timeout
     )
-
-
-def _free_run(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that are free now."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports")
 
 
 def _start(config: Path, ready: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -83,7 +60,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path) -> None:
 
 def test_pki_init_to_key_cycles_across_three_sites(tmp_path: Path) -> None:
     root = tmp_path / "net"
-    base = _free_run(6)
+    base = free_port_run(6)  # below the ephemeral range: no outgoing socket takes one meanwhile
     zones = ("--zone", "1:1001", "--zone", "2:2001", "--zone", "3:3001")
     links = ("--link", "1-2", "--link", "2-3")
     init = _qkdtls("pki", "init", str(root), *zones, *links, "--base-port", str(base))

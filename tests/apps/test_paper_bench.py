@@ -38,8 +38,13 @@ def test_quick_benchmark_measures_every_variant(tmp_path: Path) -> None:
         assert run.client_kme_connections == run.server_kme_connections == 0
         assert run.server_kme_requests == 1  # dec_keys
     assert by[(rtt, "tls13")].runs[0].kme_link.chunks == 0
-    cold, warm = (by[(rtt, k)].to_json()["messages_estimate"] for k in ("secure-cold", "secure-warm"))
-    assert cold > warm > by[(rtt, "tls13")].to_json()["messages_estimate"]
+    # The messages besides the SAE link's chunks (how TCP coalesced the TLS flights varies with the load):
+    # the cold variant adds connections, the warm one its KME request, against classic TLS 1.3.
+    beyond = {
+        k: by[(rtt, k)].to_json()["messages_estimate"] - by[(rtt, k)].to_json()["sae_link_chunks"]
+        for k in ("secure-cold", "secure-warm", "tls13")
+    }
+    assert beyond["secure-cold"] > beyond["secure-warm"] > beyond["tls13"], beyond
     table = (tmp_path / "paper_handshake.md").read_text()
     assert table.count("| TLS-QKD secure, kept-alive + prefetch |") == 2
     assert "Paper (≈1 ms RTT, 10 runs)" in table

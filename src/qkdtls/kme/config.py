@@ -24,12 +24,7 @@ from qkdtls.kme.relay.policy import parse_relay
 from qkdtls.kme.routing.lsdb import Timers
 from qkdtls.kme.routing.settings import MAX_MAX_HOPS, NetworkSettings, StaticRoute
 from qkdtls.kme.service import MAX_RECOLLECT_WINDOW, SaeEntry, ServiceSettings
-
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the file and the field path."""
+from qkdtls.tomlconfig import I64_MAX, I64_MIN, ConfigError, TableReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +80,7 @@ INTER_KME_CAPS = ConnectionCaps(
 )
 
 
-def _connection_caps(r: _Reader, defaults: ConnectionCaps) -> ConnectionCaps:
+def _connection_caps(r: TableReader, defaults: ConnectionCaps) -> ConnectionCaps:
     caps = ConnectionCaps(
         max_connections=r.integer("max_connections", defaults.max_connections, lo=1, hi=1_000_000),
         max_unauthenticated=r.integer(
@@ -197,122 +192,6 @@ class KmeConfig:
         return {s.sae_id: s.entry() for s in self.saes}
 
 
-class _Reader:
-    """Typed access to one TOML table, with errors naming ``file: path.to.field``."""
-
-    def __init__(self, doc: Mapping[str, Any], where: str, origin: str, base: Path) -> None:
-        self.doc, self.where, self.origin, self.base = doc, where, origin, base
-        self.seen: set[str] = set()
-
-    def error(self, name: str | None, problem: str) -> ConfigError:
-        field = f"{self.where}.{name}" if self.where and name else (name or self.where)
-        return ConfigError(f"{self.origin}: {field}: {problem}")
-
-    def has(self, name: str) -> bool:
-        return name in self.doc
-
-    def _get(self, name: str, default: Any, required: bool) -> Any:
-        self.seen.add(name)
-        if name not in self.doc:
-            if required:
-                raise self.error(name, "missing")
-            return default
-        return self.doc[name]
-
-    def integer(
-        self,
-        name: str,
-        default: int | None = None,
-        *,
-        lo: int = _I64_MIN,
-        hi: int = _I64_MAX,
-        required: bool = False,
-    ) -> int:
-        value = self._get(name, default, required or default is None)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.error(name, "must be an integer")
-        if not lo <= value <= hi:
-            raise self.error(name, f"must be between {lo} and {hi}")
-        return value
-
-    def number(self, name: str, default: float, *, lo: float = 0.0, hi: float = 1e9) -> float:
-        value = self._get(name, default, False)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise self.error(name, "must be a number")
-        if not lo < value <= hi:
-            raise self.error(name, f"must be greater than {lo} and at most {hi}")
-        return float(value)
-
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
-        value = self._get(name, default, required or default is None)
-        if not isinstance(value, str) or (required and not value):
-            raise self.error(name, "must be a non-empty string" if required else "must be a string")
-        return value
-
-    def optional_string(self, name: str) -> str | None:
-        value = self._get(name, None, False)
-        if value is not None and not isinstance(value, str):
-            raise self.error(name, "must be a string")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self._get(name, default, False)
-        if not isinstance(value, bool):
-            raise self.error(name, "must be true or false")
-        return value
-
-    def path(self, name: str, *, kind: str = "file", must_exist: bool = True) -> Path:
-        text = self.string(name, required=True)
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = self.base / path
-        if must_exist:
-            if kind == "file" and not path.is_file():
-                raise self.error(name, f"file does not exist: {path}")
-            if kind == "dir" and not path.is_dir():
-                raise self.error(name, f"directory does not exist: {path}")
-        return path
-
-    def paths(self, name: str) -> tuple[Path, ...]:
-        """One path or an array of paths (several CA certificates)."""
-        value = self._get(name, None, True)
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
-            raise self.error(name, "must be a path or a non-empty array of paths")
-        out = []
-        for i, text in enumerate(items):
-            path = Path(text).expanduser()
-            path = path if path.is_absolute() else self.base / path
-            if not path.is_file():
-                label = name if isinstance(value, str) else f"{name}[{i}]"
-                raise self.error(label, f"file does not exist: {path}")
-            out.append(path)
-        return tuple(out)
-
-    def table(self, name: str, *, required: bool = False) -> _Reader | None:
-        value = self._get(name, None, required)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self.error(name, "must be a table")
-        return self.child(value, name)
-
-    def tables(self, name: str) -> list[_Reader]:
-        value = self._get(name, [], False)
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.error(name, "must be an array of tables ([[" + name + "]])")
-        prefix = f"{self.where}.{name}" if self.where else name
-        return [_Reader(v, f"{prefix}[{i}]", self.origin, self.base) for i, v in enumerate(value)]
-
-    def child(self, doc: Mapping[str, Any], name: str) -> _Reader:
-        return _Reader(doc, f"{self.where}.{name}" if self.where else name, self.origin, self.base)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.doc) - self.seen)
-        if unknown:
-            raise self.error(unknown[0], "unknown field")
-
-
 def parse_serial(value: Any) -> int:
     """A certificate serial: an integer, or a hex string (colons and a 0x prefix allowed)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -361,7 +240,7 @@ def _trust(field: str, paths: tuple[Path, ...]) -> _Trust:
     return _Trust(field, cas)
 
 
-def _issuer(r: _Reader, trust: _Trust, serial: int | None) -> bytes | None:
+def _issuer(r: TableReader, trust: _Trust, serial: int | None) -> bytes | None:
     """The ``issuer`` field: the CA certificate that issued the client certificate, one of the listener's.
 
     Without it, a single trusted CA is implied; with several, a serial alone is refused (it would match that
@@ -391,7 +270,7 @@ def _issuer(r: _Reader, trust: _Trust, serial: int | None) -> bytes | None:
     return None
 
 
-def _identity(r: _Reader, *, required: bool, trust: _Trust | None = None) -> CertIdentity | None:
+def _identity(r: TableReader, *, required: bool, trust: _Trust | None = None) -> CertIdentity | None:
     serial = fingerprint = None
     if r.has("serial"):
         try:
@@ -413,7 +292,7 @@ def _identity(r: _Reader, *, required: bool, trust: _Trust | None = None) -> Cer
     return CertIdentity(serial=serial, fingerprint=fingerprint, issuer=issuer)
 
 
-def _required_identity(r: _Reader, trust: _Trust | None = None) -> CertIdentity:
+def _required_identity(r: TableReader, trust: _Trust | None = None) -> CertIdentity:
     identity = _identity(r, required=True, trust=trust)
     assert identity is not None  # _identity raised otherwise
     return identity
@@ -422,7 +301,7 @@ def _required_identity(r: _Reader, trust: _Trust | None = None) -> CertIdentity:
 # --- end of certificate identities --------------------------------------------------------------------------
 
 
-def _host_port(r: _Reader, name: str) -> tuple[str, int]:
+def _host_port(r: TableReader, name: str) -> tuple[str, int]:
     text = r.string(name, required=True)
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -431,7 +310,7 @@ def _host_port(r: _Reader, name: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _listener(r: _Reader) -> Listener:
+def _listener(r: TableReader) -> Listener:
     host, port = _host_port(r, "listen")
     return Listener(
         host=host, port=port, cert=r.path("cert"), key=r.path("key"), client_ca=r.paths("client_ca")
@@ -449,7 +328,7 @@ _SERVICE_INTS = (
 )
 
 
-def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
+def _service(r: TableReader | None, kme_id: int) -> ServiceSettings:
     defaults = ServiceSettings(kme_id=kme_id)
     if r is None:
         return defaults
@@ -493,14 +372,14 @@ def _service(r: _Reader | None, kme_id: int) -> ServiceSettings:
 # -- key-delivery policy: [service] recollect_window, [quotas], and the policy fields of [[saes]] ----------
 
 
-def _seconds_or_zero(r: _Reader, name: str, default: float, hi: float) -> float:
+def _seconds_or_zero(r: TableReader, name: str, default: float, hi: float) -> float:
     value = r._get(name, default, False)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= hi:
         raise r.error(name, f"must be a number of seconds within 0..{hi:g}")
     return float(value)
 
 
-def _rate(r: _Reader, rate_name: str, burst_name: str, default: RateLimit | None) -> RateLimit | None:
+def _rate(r: TableReader, rate_name: str, burst_name: str, default: RateLimit | None) -> RateLimit | None:
     """A token bucket from ``<rate_name>`` (keys/s, 0 = no limit) and ``<burst_name>`` (keys)."""
     rate = _seconds_or_zero(r, rate_name, default.rate if default else 0.0, 1e9)
     burst = r.integer(burst_name, default.burst if default else DEFAULT_BURST, lo=1, hi=2**31 - 1)
@@ -510,7 +389,7 @@ def _rate(r: _Reader, rate_name: str, burst_name: str, default: RateLimit | None
 _QUOTA_FIELDS = ("master_rate", "master_burst", "pair_rate", "pair_burst", "max_uncollected")
 
 
-def _quota(r: _Reader, default: SaeQuota) -> SaeQuota:
+def _quota(r: TableReader, default: SaeQuota) -> SaeQuota:
     return SaeQuota(
         master_rate=_rate(r, "master_rate", "master_burst", default.master_rate),
         pair_rate=_rate(r, "pair_rate", "pair_burst", default.pair_rate),
@@ -518,7 +397,7 @@ def _quota(r: _Reader, default: SaeQuota) -> SaeQuota:
     )
 
 
-def _sae_key_policy(r: _Reader, quota_default: SaeQuota) -> dict[str, Any]:
+def _sae_key_policy(r: TableReader, quota_default: SaeQuota) -> dict[str, Any]:
     """Key-delivery fields of one ``[[saes]]`` entry (SaeConfig fields after ``identity``)."""
     policy: dict[str, Any] = {"multicast": r.boolean("multicast", True)}
     if r.has("recollect_window"):
@@ -528,7 +407,7 @@ def _sae_key_policy(r: _Reader, quota_default: SaeQuota) -> dict[str, Any]:
     return policy
 
 
-def _quota_pairs(r: _Reader | None, saes: list[SaeConfig]) -> dict[tuple[int, int], RateLimit]:
+def _quota_pairs(r: TableReader | None, saes: list[SaeConfig]) -> dict[tuple[int, int], RateLimit]:
     """``[[quotas.pairs]]``: a rate limit for one (master, slave) pair."""
     if r is None:
         return {}
@@ -555,7 +434,7 @@ def _quota_pairs(r: _Reader | None, saes: list[SaeConfig]) -> dict[tuple[int, in
 # -- [network]: link-state routing with the peers, static routes ------------------------------------------
 
 
-def _network(r: _Reader | None, kme_id: int, peers: tuple[Peer, ...]) -> NetworkSettings:
+def _network(r: TableReader | None, kme_id: int, peers: tuple[Peer, ...]) -> NetworkSettings:
     """``[network]``; without the table the exchange runs when the KME has peers."""
     defaults = Timers()
     if r is None:
@@ -575,7 +454,7 @@ def _network(r: _Reader | None, kme_id: int, peers: tuple[Peer, ...]) -> Network
         destination = t.integer("destination", required=True)
         raw = t._get("path", None, True)
         if not isinstance(raw, list) or not all(
-            isinstance(k, int) and not isinstance(k, bool) and _I64_MIN <= k <= _I64_MAX for k in raw
+            isinstance(k, int) and not isinstance(k, bool) and I64_MIN <= k <= I64_MAX for k in raw
         ):
             raise t.error("path", "must be an array of KME IDs")
         path = tuple(raw)
@@ -606,7 +485,7 @@ def _network(r: _Reader | None, kme_id: int, peers: tuple[Peer, ...]) -> Network
 # -- end of [network] --------------------------------------------------------------------------------------
 
 
-def _peer(r: _Reader, trust: _Trust | None) -> Peer:
+def _peer(r: TableReader, trust: _Trust | None) -> Peer:
     url = r.string("url", required=True).rstrip("/")
     if not url.startswith("https://"):
         raise r.error("url", "must be an https:// URL of the peer's inter-KME interface")
@@ -630,7 +509,7 @@ def parse_config(
     doc: Mapping[str, Any], *, origin: str = "kme.toml", base: Path | None = None, path: Path | None = None
 ) -> KmeConfig:
     """Validate a parsed TOML document; ``base`` resolves relative paths."""
-    root = _Reader(doc, "", origin, base or Path.cwd())
+    root = TableReader(doc, "", origin, base or Path.cwd())
     kme = root.table("kme", required=True)
     assert kme is not None
     kme_id = kme.integer("id", required=True)
@@ -782,7 +661,7 @@ def parse_config(
 
 
 def _check_identities_unique(
-    root: _Reader, saes: list[SaeConfig], admins: list[AdminConfig], peers: tuple[Peer, ...]
+    root: TableReader, saes: list[SaeConfig], admins: list[AdminConfig], peers: tuple[Peer, ...]
 ) -> None:
     # One certificate must map to one principal, or a request could be attributed to the wrong SAE.
     owners: dict[tuple[str, Any], str] = {}

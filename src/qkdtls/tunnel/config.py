@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from qkdtls.etsi014.client import KmeClientSettings
-from qkdtls.kme.config import ConfigError
-from qkdtls.kme.config import _Reader as Reader
 from qkdtls.net.admission import (
     DEFAULT_MAX_LOOKUPS,
     DEFAULT_USED_KEY_MEMORY,
@@ -27,6 +25,8 @@ from qkdtls.net.admission import (
 from qkdtls.net.directory import DirectoryError, SaeDirectory
 from qkdtls.tls.config import QKD_POLICIES, QKD_PROFILES
 from qkdtls.tls.qkd_secure import MAX_ANNOUNCED_KEYS
+from qkdtls.tomlconfig import ConfigError
+from qkdtls.tomlconfig import TableReader as Reader
 
 __all__ = ["ConfigError", "KmeSettings", "ServiceConfig", "TunnelConfig", "load_config", "parse_config"]
 
