@@ -126,8 +126,15 @@ def _line(label: str, w: Window) -> str:
 
 
 async def _bench(root: Path, args: argparse.Namespace) -> int:
-    bed = Testbed.create(root / "bed", initial_key_bytes=0, local_key_bytes=0, event_loop=args.event_loop)
-    # Stock for every window (enc_keys without dec_keys leaves reserved keys at KME 2: fine here).
+    # Stock for every window. enc_keys without dec_keys leaves the keys uncollected at KME 2, fine here:
+    # the uncollected-keys quota is lifted for that (0 = no cap).
+    bed = Testbed.create(
+        root / "bed",
+        initial_key_bytes=0,
+        local_key_bytes=0,
+        event_loop=args.event_loop,
+        kme_config={"quotas": {"max_uncollected": 0}},
+    )
     bed.add_key_material(args.stock_keys * BLOCK * 2)
     await asyncio.to_thread(bed.start, 900.0)
     file_bytes = args.file_mib << 20
