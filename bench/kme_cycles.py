@@ -269,6 +269,29 @@ def _run(coro: Any, event_loop: str) -> Any:
     return asyncio.run(coro)
 
 
+def conditions(folder: Path, samples: int = 200) -> str:
+    """What decides these figures besides the code, for comparing runs on different machines: cores, load
+    and the latency of one fsync of a small write where the KMEs' databases live (each SQLite commit is
+    one; the KMEs commit on their event loops)."""
+    times = []
+    probe = folder / "fsync-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(samples):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    times.sort()
+    p50, p90 = (times[int(len(times) * q)] * 1000 for q in (0.5, 0.9))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    fsync = f"fsync of 4 KiB: p50 {p50:.2f} ms, p90 {p90:.2f} ms"
+    return f"# {os.cpu_count()} cores, load average {load}; {fsync}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -292,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="qkdtls-bench-") as tmp:
         root = args.root or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        print(conditions(root))
         for pool in args.pools:
             results += _run(_run_pool(root, pool, args), args.event_loop)
     _summary(results)

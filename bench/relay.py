@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.kme_cycles import _cpu_seconds
+from bench.kme_cycles import _cpu_seconds, conditions
 from qkdtls.http11.client import HttpClient
 from qkdtls.testbed import Testbed
 
@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     with tempfile.TemporaryDirectory(prefix="qkdtls-relay-bench-") as tmp:
         root = args.root or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        print(conditions(root))
         if args.event_loop != "asyncio":
             try:
                 import uvloop
