@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from qkdtls.kme.config import ConfigError, _Reader
 from qkdtls.kme.relay.policy import RelayPolicy, RelaySettings, parse_relay
+from qkdtls.tomlconfig import ConfigError, TableReader
 
 
 def parse(doc: dict[str, Any]) -> RelaySettings:
-    return parse_relay(_Reader(doc, "relay", "kme.toml", Path.cwd()))
+    return parse_relay(TableReader(doc, "relay", "kme.toml", Path.cwd()))
 
 
 def test_defaults_and_destinations() -> None:
