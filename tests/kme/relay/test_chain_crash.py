@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +23,23 @@ from typing import Any
 import aiohttp
 import pytest
 
+from qkdtls.kme.admin_map import DOCUMENT_PATH
 from qkdtls.kme.faults import FAULT_ENV
 from qkdtls.testbed import Testbed, chain, sites_saes
 
 from ..conftest import Caller
-from .network import Ledgers, Tally, admin, caller, ids, ledger_env, make_bed, relay_until_ok, routed
+from .network import (
+    CONVERGE,
+    Ledgers,
+    Tally,
+    admin,
+    caller,
+    ids,
+    ledger_env,
+    make_bed,
+    relay_until_ok,
+    routed,
+)
 
 SOAK_KEYS = int(os.environ.get("QKDTLS_RELAY_SOAK_KEYS", "5000"))
 WORKERS = 8
@@ -57,6 +70,24 @@ async def start(bed: Testbed, kme: int, fault: str | None = None) -> None:
         os.environ.pop(FAULT_ENV, None)
 
 
+async def chain_up(bed: Testbed) -> None:
+    """Wait until KMEs 1, 2 and 3 each see their link to the next KME up: after a restart the master's KME
+    may have a route while a KME further on has not heard from its restarted neighbour yet."""
+    deadline = time.monotonic() + CONVERGE
+    for kme in (1, 2, 3):
+        who = admin(bed, kme)
+        try:
+            while True:
+                doc = (await who.get(DOCUMENT_PATH)).json
+                links = (doc.get("routing") or {}).get("links", [])
+                if any((link["a"], link["b"]) == (kme, kme + 1) and link["up"] for link in links):
+                    break
+                assert time.monotonic() < deadline, f"KME {kme} does not see its link to KME {kme + 1} up"
+                await asyncio.sleep(0.05)
+        finally:
+            await who.close()
+
+
 async def reserved_at_4(bed: Testbed) -> int:
     who = admin(bed, 4)
     try:
@@ -84,17 +115,26 @@ async def test_kill_9_at_each_point_of_a_relay(bed: Testbed) -> None:
         master, slave = caller(bed, 1001), caller(bed, 4001)
         try:
             await routed(master, 4001)
+            await chain_up(bed)
             orphans = await reserved_at_4(bed) if victim != 4 else None
+            answer = "no answer"
             try:
                 reply = await master.post("/api/v1/keys/4001/enc_keys", {"number": 2})
             except (aiohttp.ClientError, TimeoutError):
                 assert victim == 1, point  # only the master's own KME leaves its SAE without an answer
             else:
-                assert reply.status == 503, (point, reply.status, reply.body)
+                answer = f"{reply.status} {reply.body[:200]!r}"
+                assert reply.status == 503, (point, answer)
                 assert victim != 1
             proc = bed.kmes[victim].proc
             assert proc is not None
-            assert await asyncio.to_thread(proc.wait, 20) == -signal.SIGKILL, point
+            try:
+                code = await asyncio.to_thread(proc.wait, 20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"{point}: KME {victim} was not reached; the master got {answer}"
+                ) from None
+            assert code == -signal.SIGKILL, point
             await start(bed, victim)
             if orphans is not None and point in ("relay-kill-after-forward", "relay-kill-before-answer"):
                 # Stored at KME 4 but never answered: they wait unused until reservation_ttl.
