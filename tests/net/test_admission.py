@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
+from qkdtls.logs import LogLimiter
 from qkdtls.net.admission import (
     NEGATIVE_TTL,
     SOURCE_FAILURE_BURST,
-    LogLimiter,
     OfferGate,
 )
 from qkdtls.net.qkd_keys import NonQkdPeers

@@ -145,7 +145,7 @@ def test_forged_hellos_cost_bounded_kme_requests_and_log_lines(
         for master in (9999, 0, -1, -(2**63), 2**63 - 1, SERVER_SAE)
         for _ in range(20)
     ]
-    with AioServer(server) as srv, caplog.at_level(logging.WARNING):
+    with AioServer(server) as srv, caplog.at_level(logging.INFO):
         answered = kme_dec_keys_answered(testbed, 2)
         requests = server_kme.requests_sent
         started = time.monotonic()
@@ -164,7 +164,10 @@ def test_forged_hellos_cost_bounded_kme_requests_and_log_lines(
     per_source = SOURCE_FAILURE_BURST + DEFAULT_MAX_LOOKUPS_PER_SOURCE + math.ceil(both * SOURCE_FAILURE_RATE)
     assert kme_requests <= 2 * per_source + 1, (kme_requests, both)
     assert server_kme.requests_sent - requests == kme_requests
-    assert len(lines) <= 25, [r.getMessage() for r in lines]
+    # Every line a forged hello can cause, INFO included, is rate-limited per event (420 hellos: 440 lines
+    # at INFO before the engine's lines were limited too).
+    print(f"\nlog lines at INFO and above for 420 forged hellos: {len(lines)}")
+    assert len(lines) <= 40, sorted({r.getMessage() for r in lines})
     assert info.mode == "qkd"
 
 

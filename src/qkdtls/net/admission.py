@@ -24,7 +24,6 @@ answers ``insufficient_security``. What strangers can trigger is logged through 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -51,40 +50,6 @@ DEFAULT_USED_KEY_MEMORY = 900.0
 USED_KEY_LIMIT = 65536
 # Peer addresses whose lookup state is kept (the idle ones are dropped first).
 SOURCE_LIMIT = 4096
-
-
-class LogLimiter:
-    """At most ``burst`` records per event name per ``interval`` seconds; the next record emitted after a
-    quiet spell says how many were left out (``suppressed``). For log lines strangers can trigger."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 5, interval: float = 10.0) -> None:
-        self._log = logger
-        self._burst = burst
-        self._interval = interval
-        self._state: dict[str, list[float]] = {}  # event -> [window start, emitted, suppressed]
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, message: str, extra: dict[str, Any]) -> None:
-        if not self._log.isEnabledFor(level):
-            return
-        event = str(extra.get("event", message))
-        now = time.monotonic()
-        with self._lock:
-            state = self._state.get(event)
-            if state is None:
-                if len(self._state) >= 256:  # event names are ours, but stay bounded anyway
-                    self._state.clear()
-                state = self._state[event] = [now, 0, 0]
-            if now - state[0] >= self._interval:
-                state[0], state[1] = now, 0
-            if state[1] >= self._burst:
-                state[2] += 1
-                return
-            state[1] += 1
-            suppressed, state[2] = int(state[2]), 0
-        if suppressed:
-            extra = {**extra, "suppressed": suppressed}
-        self._log.log(level, message, extra=extra)
 
 
 class _TimedSet:

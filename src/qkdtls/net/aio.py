@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from qkdtls.net.admission import LogLimiter
+from qkdtls.logs import LogLimiter
 from qkdtls.net.context import PreparedOffer, QKDContext
 from qkdtls.net.errors import (
     QKDError,

@@ -32,11 +32,11 @@ from typing import NoReturn
 
 from qkdtls.etsi014.client import KmeClient, KmeClientError, KmeRefused
 from qkdtls.etsi014.models import Key, canonical_uuid
+from qkdtls.logs import LogLimiter
 from qkdtls.net.admission import (
     DEFAULT_MAX_LOOKUPS,
     DEFAULT_MAX_LOOKUPS_PER_SOURCE,
     DEFAULT_USED_KEY_MEMORY,
-    LogLimiter,
     OfferGate,
 )
 from qkdtls.net.errors import QKDConfigurationError, QKDKeyReplayed, QKDKeyUnavailable

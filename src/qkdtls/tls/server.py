@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from qkdtls.logs import LogLimiter
+
 from . import extensions as ext
 from .alerts import (
     AlertDescription,
@@ -111,6 +113,8 @@ from .signatures import choose_scheme, sign
 from .suites import CipherSuite, params
 
 log = logging.getLogger(__name__)
+# Refused handshakes are logged at a bounded rate: anyone who can connect can cause them.
+_limited = LogLimiter(log)
 
 # The first flight is read before anything is decided; a ClientHello (even with an ML-KEM share) fits
 # easily, and the bound keeps a peer from making the server buffer without limit.
@@ -269,8 +273,10 @@ class TLSServer:
         except Exception:  # the write protection itself failed: send nothing rather than garbage
             log.debug("could not seal the fatal alert")
         self.state = State.FAILED
-        log.info(
-            "TLS-QKD connection failed", extra={"event": "tls.alert_sent", "alert": alert.description.name}
+        _limited(
+            logging.INFO,
+            "TLS-QKD connection failed",
+            {"event": "tls.alert_sent", "alert": alert.description.name},
         )
 
     # ------------------------------------------------------------------------------------------------------
@@ -481,17 +487,19 @@ class TLSServer:
     def _on_qkd_key(self, key: bytes | None) -> None:
         profile = self._offer.profile
         if key is None:
-            log.info(
+            _limited(
+                logging.INFO,
                 "QKD key unavailable",
-                extra={"event": "tls.qkd_key_unavailable", "key_ID": self._offer.key_id},
+                {"event": "tls.qkd_key_unavailable", "key_ID": self._offer.key_id},
             )
             self._not_ours(InsufficientSecurity("the KME did not deliver the QKD key"))
             return
         if not key_long_enough(key) or (profile == "reference" and len(key) != KEY_LEN):
             # A key the profile cannot use is one the KME did not give: classic or refused, never weak.
-            log.warning(
+            _limited(
+                logging.WARNING,
                 "QKD key of an unusable length",
-                extra={"event": "tls.qkd_key_unusable", "key_ID": self._offer.key_id, "bits": 8 * len(key)},
+                {"event": "tls.qkd_key_unusable", "key_ID": self._offer.key_id, "bits": 8 * len(key)},
             )
             self._not_ours(InsufficientSecurity("the QKD key is too short for this profile"))
             return
@@ -505,9 +513,10 @@ class TLSServer:
             # The client offered this key as a secure-profile PSK too, and we serve that profile: had the PSK
             # arrived we would have chosen it. Someone removed or spoiled it; the reference profile is exactly
             # what such an attacker wants (docs/tls-qkd.md §5), so it is never the answer.
-            log.warning(
+            _limited(
+                logging.WARNING,
                 "reference offer refused: the ClientHello lost its secure-profile offer",
-                extra={"event": "tls.qkd_downgrade_refused", "key_ID": self._offer.key_id},
+                {"event": "tls.qkd_downgrade_refused", "key_ID": self._offer.key_id},
             )
             self._not_ours(InsufficientSecurity("the secure-profile offer was removed from the ClientHello"))
             return

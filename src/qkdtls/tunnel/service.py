@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from qkdtls.net.admission import LogLimiter
+from qkdtls.logs import LogLimiter
 from qkdtls.net.aio import TLSProtocol
 from qkdtls.net.context import PreparedOffer, QKDContext
 from qkdtls.net.errors import (

@@ -47,7 +47,7 @@ from qkdtls.kme.routing.lsa import (
 )
 from qkdtls.kme.routing.lsdb import LinkStateDb, NotANeighbour
 from qkdtls.kme.store import KeyStore
-from qkdtls.net.admission import LogLimiter
+from qkdtls.logs import LogLimiter
 
 log = logging.getLogger("qkdtls.kme.routing")
 
