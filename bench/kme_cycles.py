@@ -26,9 +26,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
+from qkdtls import serving
 from qkdtls.http11.client import HttpClient
 from qkdtls.testbed import Testbed
 
@@ -257,18 +257,6 @@ def _summary(rows: list[Row]) -> None:
         )
 
 
-def _run(coro: Any, event_loop: str) -> Any:
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                raise
-        else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
 def conditions(folder: Path, samples: int = 200) -> str:
     """What decides these figures besides the code, for comparing runs on different machines: cores, load
     and the latency of one fsync of a small write where the KMEs' databases live (each SQLite commit is
@@ -318,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         print(conditions(root))
         for pool in args.pools:
-            results += _run(_run_pool(root, pool, args), args.event_loop)
+            results += serving.run(_run_pool(root, pool, args), args.event_loop)
     _summary(results)
     return 0
 

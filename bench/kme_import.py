@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.kme_cycles import BLOCK, PAIRS, _client, _cpu_seconds, _run
+from bench.kme_cycles import BLOCK, PAIRS, _client, _cpu_seconds
+from qkdtls import serving
 from qkdtls.http11.client import HttpClient
 from qkdtls.testbed import Testbed
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="qkdtls-bench-") as tmp:
-        return int(_run(_bench(args.root or Path(tmp), args), args.event_loop))
+        return int(serving.run(_bench(args.root or Path(tmp), args), args.event_loop))
 
 
 if __name__ == "__main__":

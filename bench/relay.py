@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.kme_cycles import _cpu_seconds, conditions
+from qkdtls import serving
 from qkdtls.http11.client import HttpClient
 from qkdtls.testbed import Testbed
 
@@ -301,15 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.root or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         print(conditions(root))
-        if args.event_loop != "asyncio":
-            try:
-                import uvloop
-            except ImportError:
-                rows = asyncio.run(_run(args, root))
-            else:
-                rows = uvloop.run(_run(args, root))
-        else:
-            rows = asyncio.run(_run(args, root))
+        rows = serving.run(_run(args, root), args.event_loop)
     print()
     _summary(rows)
     return 0

@@ -41,6 +41,8 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 
+from qkdtls.serving import listening_socket
+
 log = logging.getLogger("qkdtls.http11.server")
 
 UNMATCHED = "unmatched"
@@ -654,17 +656,7 @@ class HttpServer:
             # (``connect_accepted_socket``) rather than by a TLS listener, so that each is counted, and
             # capped, from its accept on: a TLS listener tells the application nothing about connections
             # whose handshake never completes.
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, address = infos[0]
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(address)
-                listener.listen(backlog)
-                listener.setblocking(False)
-            except BaseException:
-                listener.close()
-                raise
+            listener = await listening_socket(host, port, backlog)
             self._listener = listener
             self._port = int(listener.getsockname()[1])
             self._acceptor = asyncio.create_task(self._accept(listener), name="http11-accept")

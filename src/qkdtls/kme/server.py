@@ -17,6 +17,7 @@ import signal
 import ssl
 from pathlib import Path
 
+from qkdtls import serving
 from qkdtls.http11.server import HttpServer, ServerLimits
 from qkdtls.http11.server import Router as HttpRouter
 from qkdtls.kme.auth import IdentityMap, server_context
@@ -249,17 +250,7 @@ class KmeServer:
 
 def run(config: KmeConfig, *, ready_file: Path | None = None, event_loop: str = "auto") -> None:
     """Run :func:`serve` on a new event loop: uvloop when installed (``auto``) or asked for, else asyncio."""
-    if event_loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                raise ValueError("--event-loop uvloop: the uvloop package is not installed") from None
-        else:
-            # libuv's TCP and TLS paths: about a third less CPU per request than asyncio's, measured here.
-            uvloop.run(serve(config, ready_file=ready_file))
-            return
-    asyncio.run(serve(config, ready_file=ready_file))
+    serving.run(serve(config, ready_file=ready_file), event_loop)
 
 
 async def serve(config: KmeConfig, *, ready_file: Path | None = None) -> None:

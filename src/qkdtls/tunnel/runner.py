@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from qkdtls import serving
 from qkdtls.http11.server import HttpServer, Request, Response, Router
 from qkdtls.tunnel.config import ConfigError, ServiceConfig, TunnelConfig
 from qkdtls.tunnel.metrics import CONTENT_TYPE, TunnelMetrics
@@ -276,15 +277,5 @@ def run(
     async def main() -> None:
         await Tunnel(config, loader).run(ready)
 
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                raise
-        else:
-            with contextlib.suppress(KeyboardInterrupt):
-                uvloop.run(main())
-            return
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        serving.run(main(), event_loop)

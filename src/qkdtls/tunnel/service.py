@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -31,6 +30,7 @@ from qkdtls.net.errors import (
     QKDKeyUnavailable,
     QKDPolicyError,
 )
+from qkdtls.serving import listening_socket
 from qkdtls.tunnel.config import ServiceConfig, is_ip
 from qkdtls.tunnel.relay import Relay
 
@@ -175,17 +175,7 @@ class Service:
     async def start(self, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.config.accept
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = await listening_socket(host, port, backlog)
         self.address = sock.getsockname()[:2]
         self.server = await loop.create_server(self._accepted, sock=sock)
 
