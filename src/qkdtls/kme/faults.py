@@ -4,7 +4,8 @@
 reached instead of the first), e.g. ``relay-kill-after-accept@3``. Read once, when the service starts.
 The points (docs/design.md, crash safety): ``kill-after-collect`` (a ``dec_keys`` committed, not answered),
 ``relay-kill-after-spend`` (a relay sender's material durably consumed, the message not sent),
-``relay-kill-after-accept`` (a received hop message committed, not forwarded or answered),
+``relay-kill-before-commit`` (an intermediate forwarded a message, what it named not yet consumed),
+``relay-kill-after-accept`` (a received hop message committed, its caller not answered),
 ``relay-kill-after-forward`` (the next hop answered, the previous one not yet) and
 ``relay-kill-before-answer`` (the relay succeeded, the master SAE not answered).
 """

@@ -3,11 +3,13 @@ multicast to two KMEs, what each link pays, tampering, replay, malformed and loo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,12 +56,13 @@ async def test_trusted_relay_over_three_hops(four: Net) -> None:
     assert [k.key_extension for k in got.keys] == [k.key_extension for k in sent.keys]
     # The keys are blocks of KME 1's direction (0) of the first link, held before the batch's MAC keys.
     assert sent.keys[0].key == four.block(1, 2, 0) + four.block(1, 2, 2)
-    # What each link paid (sender's direction): 3 keys x 2 blocks + 2 MAC blocks on every link; KME 1 also
-    # deleted the blocks its pool holds for the next relays (burnt if it crashes, never used twice).
+    # What each link paid (sender's direction): 3 keys x 2 blocks + 2 MAC blocks on every link; each sender
+    # (KME 1, and KMEs 2 and 3 passing the message on) also deleted the blocks its pool holds for the next
+    # relays (burnt if it crashes, never used twice).
     after = {(a, b): await free(four, a, b) for a, b in before}
-    pooled = len(one.relay._pools[2])
-    assert pooled > 0
-    assert {k: before[k] - after[k] for k in before} == {(1, 2): 8 + pooled, (2, 3): 8, (3, 4): 8}
+    pooled = {(a, b): len(four.services[a].relay._pools[b]) for a, b in before}
+    assert all(pooled.values())
+    assert {k: before[k] - after[k] for k in before} == {k: 8 + pooled[k] for k in before}
     stats = one.relay_stats()
     assert stats["relays"] == {"trusted": 1, "spread": 0, "failed": 0}
     assert stats["last_paths"][-1]["paths"] == [[1, 2, 3, 4]]
@@ -180,6 +183,52 @@ async def test_a_replayed_message_is_refused_with_nothing_consumed(four: Net) ->
     assert await four.services[4].store.free_blocks(3, 0) == stock
     got = await four.services[4].dec_keys(4001, "1001", [sent.keys[0].key_ID])
     assert got.keys[0].key == sent.keys[0].key
+
+
+async def test_an_intermediate_forwards_before_its_commit_and_answers_after_it(four: Net) -> None:
+    """KME 2 passes the message on before it consumed the named blocks (that commit runs while KMEs 3 and 4
+    work), answers only once it is durable, and refuses the same message while it is still in flight."""
+    two = four.services[2]
+    forwarded, committed, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    send, accept = two.relay.transport.relay, two.store.relay_accept
+
+    async def held_forward(peer: int, body: bytes, tag: bytes, timeout: float) -> Any:
+        forwarded.set()
+        return await send(peer, body, tag, timeout)
+
+    async def held_commit(*args: Any) -> Any:
+        await release.wait()
+        result = await accept(*args)
+        committed.set()
+        return result
+
+    two.relay.transport.relay = held_forward  # type: ignore[method-assign]
+    two.store.relay_accept = held_commit  # type: ignore[method-assign]
+    stock = await two.store.free_blocks(1, 0)
+    request = asyncio.create_task(four.services[1].enc_keys(1001, "4001", KeyRequest()))
+    await asyncio.wait_for(forwarded.wait(), 5)
+    # Forwarded, not committed: KMEs 3 and 4 answer (the key is stored at KME 4), KME 2's blocks are still
+    # free, and KME 1 has no answer.
+    for _ in range(100):
+        if any(m.sender == 2 and m.status for m in four.sent):
+            break
+        await asyncio.sleep(0.01)
+    assert [(m.sender, m.receiver, m.status) for m in four.sent if m.sender > 1] == [(2, 3, 200), (3, 4, 200)]
+    assert await two.store.free_blocks(1, 0) == stock
+    assert not request.done()
+    # The same message again while the first is in flight: refused at once, nothing forwarded twice.
+    hop = next(m for m in four.sent if (m.sender, m.receiver) == (1, 2))
+    with pytest.raises(KmeError) as info:
+        await two.accept_relay(1, hop.body, base64.b64encode(hop.tag).decode())
+    assert info.value.status == 409
+    assert len([m for m in four.sent if m.sender == 2]) == 1
+    release.set()
+    sent = await asyncio.wait_for(request, 5)
+    assert committed.is_set()
+    assert await two.store.free_blocks(1, 0) == stock - 3  # 2 MAC blocks + 1 key block
+    got = await four.services[4].dec_keys(4001, "1001", [sent.keys[0].key_ID])
+    assert got.keys[0].key == sent.keys[0].key
+    assert two.relay_stats()["hops"] == {"accepted": 1, "replay": 1}
 
 
 def _item(path: tuple[int, ...], **kw: object) -> RelayItem:

@@ -6,9 +6,12 @@ Roles (docs/design.md, network relay):
   material or the OS CSPRNG, and hands one item per path to the outbox of the path's first neighbour. An
   outbox batches the items of concurrent requests into one hop message per neighbour and mode: one MAC, one
   commit. Every block a message names is deleted durably before the message leaves (burn before send).
-- **intermediate**: checks the message (route, blocks), holds the material of the next hops, then in ONE
-  transaction consumes what the message named and what it will send; opens the items, re-encrypts each under
-  a pad of the next link, forwards, and answers with the next hop's results.
+- **intermediate** (nothing in the message ends here): checks the message (route, blocks), reads the named
+  blocks, verifies the tag and opens the items, re-encrypts each under a pad of the next link taken from
+  that link's pool (deleted durably before it was handed out, as at the origin) and forwards at once; the
+  commit that consumes the named blocks runs while the next hops work, and the caller is answered with the
+  next hop's results only after it. A message that also ends here is handled in one transaction instead
+  (holds for the next hops, consumption and delivery together).
 - **destination**: in one transaction consumes what the message named and records the keys (or shares) for
   the local slaves, then answers 200.
 
@@ -24,9 +27,9 @@ import binascii
 import logging
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from qkdtls.kme.errors import BadRequestError, BlocksTakenError, PeerUnavailable, UnavailableError
 from qkdtls.kme.faults import Faults
@@ -47,6 +50,7 @@ from qkdtls.kme.relay.hop import (
 from qkdtls.kme.relay.ledger import Ledger
 from qkdtls.kme.relay.messages import (
     STORED,
+    HopMessage,
     ItemResult,
     RelayItem,
     Share,
@@ -217,7 +221,9 @@ class RelayNode:
         self.stats = RelayStats(kme_id)
         self._outboxes: dict[tuple[tuple[int, ...], str], _Outbox] = {}
         self._pools: dict[int, SpentPool] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # (sender, block) named by messages this KME is passing on and has not committed yet.
+        self._passing: set[tuple[int, int]] = set()
         self._closed = False
 
     # -- planning (origin) -----------------------------------------------------------------------------------
@@ -565,6 +571,8 @@ class RelayNode:
             if not self.router.usable((self.kme_id, nxt)):
                 self.stats.hops["unavailable"] += 1
                 raise UnavailableError(f"the link from KME {self.kme_id} to KME {nxt} is down")
+        if not destinations:
+            return await self._pass_on(caller, msg, body, tag, groups, started)
         held: dict[tuple[int, str], list[Block]] = {}
         try:
             for (nxt, mode), indexes in groups.items():
@@ -594,20 +602,13 @@ class RelayNode:
             decision, outcomes = await self.store.relay_accept(intake, decide)
         except BlocksTaken:
             await self._release_held(held)
-            self.stats.hops["replay"] += 1
-            raise BlocksTakenError("blocks named by this relay message are not free (used already)") from None
+            raise self._replayed() from None
         except StoreError:
             await self._release_held(held)
-            self.stats.hops["unavailable"] += 1
-            raise UnavailableError("key store unavailable") from None
+            raise self._store_down() from None
         if decision is None:
             await self._release_held(held)
-            self.stats.hops["tampered"] += 1
-            log.warning(
-                "relay message failed authentication; the blocks it named are burnt",
-                extra={"event": "relay.tampered", "peer_KME_ID": caller, "blocks": len(intake.seqs)},
-            )
-            raise BadRequestError("relay message failed authentication; the blocks it named are burnt")
+            self._tampered(caller, intake)
         self.stats.hops["accepted"] += 1
         if self.ledger:
             self.ledger.taken(caller, intake.seqs)
@@ -639,6 +640,133 @@ class RelayNode:
         self.faults.hit("relay-kill-after-forward")
         answer, answer_tag = seal_answer(opened.answer_key, results)
         return HopReply(200, answer, answer_tag)
+
+    async def _pass_on(
+        self,
+        caller: int,
+        msg: HopMessage,
+        body: bytes,
+        tag: bytes,
+        groups: Mapping[tuple[int, str], list[int]],
+        started: float,
+    ) -> HopReply:
+        """A message with nothing for this KME: verify and open it with the named blocks as read, forward it
+        at once under pads and MAC keys from the pools (deleted durably before they were handed out), and
+        commit the consumption of the named blocks while the next hops work. The caller is answered only
+        after that commit: a replay then finds the blocks taken, so the answer key signs one answer."""
+        loop = asyncio.get_running_loop()
+        direction = sender_direction(caller, self.kme_id)
+        named = msg.named_blocks()
+        intake = RelayIntake(caller, direction, named)
+        marks = [(caller, seq) for seq in named]
+        if not self._passing.isdisjoint(marks):  # the same blocks in a message still in flight here
+            raise self._replayed()
+        self._passing.update(marks)
+        commit: asyncio.Task[tuple[RelayDecision | None, list[str]]] | None = None
+        try:
+            try:
+                data = await self.store.read_named(caller, direction, named)
+            except BlocksTaken:
+                raise self._replayed() from None
+            except StoreError:
+                raise self._store_down() from None
+            opened = open_message(msg, body, tag, data, self.block_size)
+            if opened is None:
+                await self._burn(intake)
+            assert opened is not None
+            mac_count = mac_block_count(self.block_size)
+            taken: dict[tuple[int, str], list[Block]] = {}
+            try:
+                for (nxt, mode), indexes in groups.items():
+                    count = mac_count + sum(pad_block_count(msg.items[i], self.block_size) for i in indexes)
+                    taken[(nxt, mode)] = await self._pool(nxt).take(count)
+            except (ShortStock, StoreError, RuntimeError):
+                for (nxt, _), blocks in taken.items():
+                    self._pool(nxt).give_back(blocks)
+                self.stats.hops["unavailable"] += 1
+                raise UnavailableError("not enough key material to forward this relay message") from None
+            for (nxt, mode), blocks in taken.items():  # the pool wrote the ledger at its refill
+                self._account(nxt, mode, blocks[:mac_count], blocks[mac_count:], (), ledger=False)
+            margin = max(MIN_MARGIN, msg.budget_ms / 1000 * 0.05)
+            remaining = msg.budget_ms / 1000 - (loop.time() - started) - margin
+            # The forwards are scheduled first, so that their messages are written before the commit (an
+            # fsync, inline on this loop for SQLite) runs.
+            forwards = [
+                self._spawn(
+                    self._forward(
+                        nxt,
+                        [msg.items[i] for i in indexes],
+                        [opened.values[i] for i in indexes],
+                        taken[(nxt, mode)],
+                        remaining,
+                    )
+                )
+                for (nxt, mode), indexes in groups.items()
+            ]
+
+            def decide(got: dict[int, bytes]) -> RelayDecision | None:
+                self.faults.hit("relay-kill-before-commit")  # forwarded, the named blocks not yet consumed
+                return RelayDecision((), opened) if got == data else None
+
+            commit = loop.create_task(self.store.relay_accept(intake, decide))
+            commit.add_done_callback(lambda _: self._passing.difference_update(marks))
+            try:
+                decision, _ = await asyncio.shield(commit)
+            except BlocksTaken:
+                raise self._replayed() from None
+            except StoreError:
+                raise self._store_down() from None
+            if decision is None:  # the blocks changed between reading and consuming them: burnt
+                self._tampered(caller, intake)
+            self.stats.hops["accepted"] += 1
+            if self.ledger:
+                self.ledger.taken(caller, intake.seqs)
+            self.faults.hit("relay-kill-after-accept")
+            forwarded = await asyncio.gather(*forwards)
+        finally:
+            if commit is None:
+                self._passing.difference_update(marks)
+        results: list[ItemResult] = [STORED] * len(msg.items)
+        for indexes, group_results in zip(groups.values(), forwarded, strict=True):
+            for i, result in zip(indexes, group_results, strict=True):
+                results[i] = result
+        self.faults.hit("relay-kill-after-forward")
+        answer, answer_tag = seal_answer(opened.answer_key, results)
+        return HopReply(200, answer, answer_tag)
+
+    def _spawn(self, coro: Coroutine[Any, Any, list[ItemResult]]) -> asyncio.Task[list[ItemResult]]:
+        """A task the node tracks (cancelled at close) whose failure is logged if nobody awaits it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def _burn(self, intake: RelayIntake) -> None:
+        """Consume what a message that failed authentication named (burnt), then refuse it (400)."""
+        try:
+            await self.store.relay_accept(intake, lambda _: None)
+        except BlocksTaken:
+            raise self._replayed() from None
+        except StoreError:
+            raise self._store_down() from None
+        self._tampered(intake.link, intake)
+
+    def _replayed(self) -> BlocksTakenError:
+        self.stats.hops["replay"] += 1
+        return BlocksTakenError("blocks named by this relay message are not free (used already)")
+
+    def _store_down(self) -> UnavailableError:
+        self.stats.hops["unavailable"] += 1
+        return UnavailableError("key store unavailable")
+
+    def _tampered(self, caller: int, intake: RelayIntake) -> NoReturn:
+        self.stats.hops["tampered"] += 1
+        log.warning(
+            "relay message failed authentication; the blocks it named are burnt",
+            extra={"event": "relay.tampered", "peer_KME_ID": caller, "blocks": len(intake.seqs)},
+        )
+        raise BadRequestError("relay message failed authentication; the blocks it named are burnt")
 
     async def _forward(
         self, nxt: int, items: list[RelayItem], values: list[bytes], blocks: list[Block], budget: float
@@ -742,6 +870,11 @@ def _share_functions(
     return (lambda shares: sharing.shamir_combine(shares[:k])), (
         lambda shares: sharing.shamir_consistent(shares, k)
     )
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("relay forward failed", exc_info=task.exception(), extra={"event": "relay.failed"})
 
 
 def _parse_tag(text: str | None) -> bytes:

@@ -256,6 +256,12 @@ class KeyStore(abc.ABC):
         block is no longer held by this instance; then nothing changes."""
 
     @abc.abstractmethod
+    async def read_named(self, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
+        """The bytes of named free blocks of a direction (the sender's), changing nothing: what a relay hop
+        needs to verify and open a message before :meth:`relay_accept` consumes the same blocks. BlocksTaken
+        unless every one is free and named once."""
+
+    @abc.abstractmethod
     async def relay_accept(
         self, intake: RelayIntake, decide: Callable[[dict[int, bytes]], RelayDecision | None]
     ) -> tuple[RelayDecision | None, list[str]]:

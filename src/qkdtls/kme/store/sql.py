@@ -772,6 +772,27 @@ class SqlKeyStore(KeyStore):
 
     # -- relay (docs/design.md, network relay) ---------------------------------------------------------------
 
+    async def read_named(self, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
+        def op(tx: Tx) -> dict[int, bytes]:
+            return self._select_named(tx.cur, link, direction, seqs)
+
+        return await self._do(op)
+
+    @staticmethod
+    def _select_named(cur: Any, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
+        wanted = list(dict.fromkeys(seqs))
+        data: dict[int, bytes] = {}
+        for chunk in _chunks(wanted):
+            cur.execute(
+                f"SELECT seq, data FROM blocks WHERE link = ? AND direction = ? AND held_by IS NULL "
+                f"AND seq IN ({_marks(len(chunk))})",
+                (link, direction, *chunk),
+            )
+            data.update((seq, bytes(d)) for seq, d in cur.fetchall())
+        if len(data) != len(wanted) or len(wanted) != len(seqs):
+            raise BlocksTaken(f"{len(wanted) - len(data)} named blocks are not free on link {link}")
+        return data
+
     def _take_named(self, tx: Tx, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
         """Delete the named free blocks of a direction (the peer's: a reservation or a relay message) and
         return their bytes; BlocksTaken unless every one was free and named once."""

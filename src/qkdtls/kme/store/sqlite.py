@@ -30,6 +30,7 @@ from qkdtls.kme.store.sql import (
     SqlKeyStore,
     Tx,
     _chunks,
+    _Cur,
     _marks,
     migrate_2_to_3,
 )
@@ -202,6 +203,18 @@ class SqliteKeyStore(SqlKeyStore):
         if taken is None:
             raise ShortStock(self._holds.available(link, direction))
         return taken
+
+    async def read_named(self, link: int, direction: int, seqs: Sequence[int]) -> dict[int, bytes]:
+        # Read at once, outside the group commit: this process is the file's only user and runs its
+        # transactions inline, so no write is half done here, and a relay hop does not wait for a commit
+        # (an fsync) it has no part in before it can forward.
+        if self._closed:
+            raise StoreUnavailable("key store is closed")
+        try:
+            return self._select_named(_Cur(self._conn.cursor(), self._sql), link, direction, seqs)
+        except sqlite3.Error as exc:
+            log.error("key store read failed", extra={"event": "store.failed", "error": repr(exc)})
+            raise StoreUnavailable("key store failed") from None
 
     async def release_blocks(self, link: int, seqs: Sequence[int]) -> int:
         return self._holds.release(link, seqs)
