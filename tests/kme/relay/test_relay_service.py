@@ -231,6 +231,46 @@ async def test_an_intermediate_forwards_before_its_commit_and_answers_after_it(f
     assert two.relay_stats()["hops"] == {"accepted": 1, "replay": 1}
 
 
+async def test_a_second_message_leaves_only_when_four_items_wait(four: Net) -> None:
+    """One message per path in flight; a second one only once enough requests wait to fill it."""
+    two = four.services[2]
+    release = asyncio.Event()
+    accept = two.accept_relay
+
+    async def held(caller: int, body: bytes, tag: str | None) -> Any:
+        await release.wait()
+        return await accept(caller, body, tag)
+
+    two.accept_relay = held  # type: ignore[method-assign]
+
+    def messages() -> list[int]:
+        return [len(decode_message(m.body).items) for m in four.sent if (m.sender, m.receiver) == (1, 2)]
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    one = four.services[1]
+    requests = [asyncio.create_task(one.enc_keys(1001, "4001", KeyRequest()))]
+    await settle()
+    assert messages() == [1]
+    requests += [asyncio.create_task(one.enc_keys(1001, "4001", KeyRequest())) for _ in range(3)]
+    await settle()
+    assert messages() == [1]  # three wait: not worth a second message yet
+    requests.append(asyncio.create_task(one.enc_keys(1001, "4001", KeyRequest())))
+    await settle()
+    assert messages() == [1, 4]
+    requests += [asyncio.create_task(one.enc_keys(1001, "4001", KeyRequest())) for _ in range(5)]
+    await settle()
+    assert messages() == [1, 4]  # two in flight: the rest waits for one of them
+    release.set()
+    sent = await asyncio.wait_for(asyncio.gather(*requests), 10)
+    assert sorted(messages()) == [1, 4, 5]
+    ids = [c.keys[0].key_ID for c in sent]
+    got = await four.services[4].dec_keys(4001, "1001", ids)
+    assert [k.key for k in got.keys] == [c.keys[0].key for c in sent]
+
+
 def _item(path: tuple[int, ...], **kw: object) -> RelayItem:
     fields: dict[str, object] = dict(
         relay_id="6f1c4c63-5a3b-4e0c-9c53-0d5e3c6c9a11",

@@ -83,8 +83,13 @@ log = logging.getLogger("qkdtls.kme.relay")
 # Items per hop message and an estimate of its body size: far below the inter-KME body limit (4 MiB).
 MAX_ITEMS = 64
 MAX_MESSAGE_BYTES = 1 << 20
-# Hop messages on the wire at once per (neighbour, mode) from one origin; later items queue for the next.
-MAX_IN_FLIGHT = 1
+# Hop messages on the wire at once per (path, mode) from one origin; later items queue for the next. A
+# second sender starts only once MIN_NEXT_BATCH items wait (then both drain the outbox until it is empty):
+# every message costs each KME of the path a commit and two HTTPS exchanges whatever it carries, so a
+# second message only pays when load has built up. Measured (bench.relay, 3 hops, concurrency 8, four
+# alternating pairs): 1,655-1,706 cycles/s against 1,540-1,583 with one message in flight.
+MAX_IN_FLIGHT = 2
+MIN_NEXT_BATCH = 4
 # What a hop keeps for itself of the time budget it was given, so its answer arrives before the caller's
 # timeout: 5 % of it, at least this many seconds.
 MIN_MARGIN = 0.02
@@ -417,7 +422,7 @@ class RelayNode:
         key = (entry.item.path, entry.item.mode)
         box = self._outboxes.setdefault(key, _Outbox())
         box.waiting.append(entry)
-        if box.senders < MAX_IN_FLIGHT:
+        if box.senders == 0 or (box.senders < MAX_IN_FLIGHT and len(box.waiting) >= MIN_NEXT_BATCH):
             box.senders += 1
             task = asyncio.get_running_loop().create_task(
                 self._drain(peer, key, box), name=f"kme-relay-{peer}"
