@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per row (medians, min-max)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--key-bytes", type=int, default=8 << 20, help="key material per link")
+    parser.add_argument("--key-bytes", type=int, default=16 << 20, help="key material per link")
     parser.add_argument("--root", type=Path, help="keep the testbed here (default: a temporary directory)")
     parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     parser.add_argument(
