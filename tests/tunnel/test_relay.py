@@ -237,8 +237,12 @@ def test_idle_handshakes_do_not_stall_others(testbed: Testbed, tmp_path: Path) -
             quiet.sendall(b"x")
             assert quiet.recv(1) == b"x"
             assert quiet.recv(1) == b""  # idle for 1.5 s: closed
-        b.wait_records(1)
+        # The connection is counted once both of its sides are gone, a moment after the client saw EOF.
+        deadline = time.monotonic() + TIMEOUT
         text = _metrics(b)
+        while 'reason="idle_timeout"' not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = _metrics(b)
     # 20 idle handshakes and the real client's under a cap of 8: the 13 oldest idle ones were evicted.
     assert 'qkdtls_tunnel_connections_total{mode="none",reason="evicted",service="svc"} 13.0' in text
     assert 'qkdtls_tunnel_connections_total{mode="none",reason="handshake_timeout",service="svc"} 7.0' in text

@@ -1,11 +1,12 @@
-"""Link material an origin KME consumed ahead of use: the burn-before-send rule without a commit per message.
+"""Link material a relay sender consumed ahead of use: the burn-before-send rule without a commit per message.
 
-A relay's origin names in each hop message blocks of its own direction of the first link: the keys (or XOR
-shares), the pads of values it sends encrypted, and the two one-time MAC keys. Every one of them must be
-deleted durably before the message leaves the process. Doing that per message put a commit (an fsync) on
-the path of every relay; instead the origin deletes blocks in batches ahead of use (one transaction per
-refill) and hands them out from memory, each once. A crash loses what the pool held: those blocks are burnt
-(deleted, never used), at most ``MAX_POOL`` blocks per link, never reused.
+A KME sending a hop message (the origin on the first link, an intermediate on the next one) names in it
+blocks of its own direction of that link: the keys or XOR shares (origin), the pads of values sent
+encrypted, and the two one-time MAC keys. Every one of them must be deleted durably before the message
+leaves the process. Doing that per message put a commit (an fsync) on the path of every relay; instead the
+sender deletes blocks in batches ahead of use (one transaction per refill) and hands them out from memory,
+each once. A crash loses what the pool held: those blocks are burnt (deleted, never used), at most
+``MAX_POOL`` blocks per link, never reused.
 
 The pool refills in the background when it falls below what the last ``WINDOW`` seconds used, and sizes a
 refill to that demand (at least ``MIN_POOL``, at most ``MAX_POOL`` blocks beyond what a caller waits for).
