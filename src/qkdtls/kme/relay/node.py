@@ -625,23 +625,8 @@ class RelayNode:
         results: list[ItemResult] = [STORED] * len(msg.items)
         for i, outcome in zip(destinations, outcomes, strict=True):
             results[i] = self._outcome(msg.items[i], outcome)
-        margin = max(MIN_MARGIN, msg.budget_ms / 1000 * 0.05)
-        remaining = msg.budget_ms / 1000 - (loop.time() - started) - margin
-        forwarded = await asyncio.gather(
-            *(
-                self._forward(
-                    nxt,
-                    [msg.items[i] for i in indexes],
-                    [opened.values[i] for i in indexes],
-                    held[(nxt, mode)],
-                    remaining,
-                )
-                for (nxt, mode), indexes in groups.items()
-            )
-        )
-        for indexes, group_results in zip(groups.values(), forwarded, strict=True):
-            for i, result in zip(indexes, group_results, strict=True):
-                results[i] = result
+        forwarded = await asyncio.gather(*self._forwards(msg, opened.values, groups, held, started))
+        _merge(results, groups, forwarded)
         self.faults.hit("relay-kill-after-forward")
         answer, answer_tag = seal_answer(opened.answer_key, results)
         return HopReply(200, answer, answer_tag)
@@ -692,22 +677,9 @@ class RelayNode:
                 raise UnavailableError("not enough key material to forward this relay message") from None
             for (nxt, mode), blocks in taken.items():  # the pool wrote the ledger at its refill
                 self._account(nxt, mode, blocks[:mac_count], blocks[mac_count:], (), ledger=False)
-            margin = max(MIN_MARGIN, msg.budget_ms / 1000 * 0.05)
-            remaining = msg.budget_ms / 1000 - (loop.time() - started) - margin
             # The forwards are scheduled first, so that their messages are written before the commit (an
             # fsync, inline on this loop for SQLite) runs.
-            forwards = [
-                self._spawn(
-                    self._forward(
-                        nxt,
-                        [msg.items[i] for i in indexes],
-                        [opened.values[i] for i in indexes],
-                        taken[(nxt, mode)],
-                        remaining,
-                    )
-                )
-                for (nxt, mode), indexes in groups.items()
-            ]
+            forwards = [self._spawn(f) for f in self._forwards(msg, opened.values, groups, taken, started)]
 
             def decide(got: dict[int, bytes]) -> RelayDecision | None:
                 self.faults.hit("relay-kill-before-commit")  # forwarded, the named blocks not yet consumed
@@ -732,12 +704,32 @@ class RelayNode:
             if commit is None:
                 self._passing.difference_update(marks)
         results: list[ItemResult] = [STORED] * len(msg.items)
-        for indexes, group_results in zip(groups.values(), forwarded, strict=True):
-            for i, result in zip(indexes, group_results, strict=True):
-                results[i] = result
+        _merge(results, groups, forwarded)
         self.faults.hit("relay-kill-after-forward")
         answer, answer_tag = seal_answer(opened.answer_key, results)
         return HopReply(200, answer, answer_tag)
+
+    def _forwards(
+        self,
+        msg: HopMessage,
+        values: Sequence[bytes],
+        groups: Mapping[tuple[int, str], list[int]],
+        material: Mapping[tuple[int, str], list[Block]],
+        started: float,
+    ) -> list[Coroutine[Any, Any, list[ItemResult]]]:
+        """One forward per next KME and mode, within what is left of the message's budget."""
+        margin = max(MIN_MARGIN, msg.budget_ms / 1000 * 0.05)
+        remaining = msg.budget_ms / 1000 - (asyncio.get_running_loop().time() - started) - margin
+        return [
+            self._forward(
+                nxt,
+                [msg.items[i] for i in indexes],
+                [values[i] for i in indexes],
+                material[(nxt, mode)],
+                remaining,
+            )
+            for (nxt, mode), indexes in groups.items()
+        ]
 
     def _spawn(self, coro: Coroutine[Any, Any, list[ItemResult]]) -> asyncio.Task[list[ItemResult]]:
         """A task the node tracks (cancelled at close) whose failure is logged if nobody awaits it."""
@@ -875,6 +867,17 @@ def _share_functions(
     return (lambda shares: sharing.shamir_combine(shares[:k])), (
         lambda shares: sharing.shamir_consistent(shares, k)
     )
+
+
+def _merge(
+    results: list[ItemResult],
+    groups: Mapping[tuple[int, str], list[int]],
+    forwarded: Sequence[list[ItemResult]],
+) -> None:
+    """Put each forward's per-item results in the places of its items."""
+    for indexes, group_results in zip(groups.values(), forwarded, strict=True):
+        for i, result in zip(indexes, group_results, strict=True):
+            results[i] = result
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
