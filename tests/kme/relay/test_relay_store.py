@@ -129,6 +129,22 @@ async def test_accept_consumes_named_and_held_blocks_in_one_transaction(store: K
     assert await store.free_blocks(PEER, 1) == 6
 
 
+async def test_reading_named_blocks_changes_nothing(store: KeyStore) -> None:
+    """What an intermediate reads before it forwards: the bytes of free blocks of the sender's direction;
+    blocks used, of the other direction or named twice are refused; the later accept consumes them."""
+    stream = await feed(store, 16)
+    assert await store.read_named(PEER, 0, [2, 6]) == {2: stream[64:96], 6: stream[192:224]}
+    assert (await store.link_stats(PEER)).free_blocks == {0: 8, 1: 8}
+    for seqs, direction in (([2, 2], 0), ([3], 0), ([2], 1), ([40], 0)):
+        with pytest.raises(BlocksTaken):
+            await store.read_named(PEER, direction, seqs)
+    decision, _ = await store.relay_accept(RelayIntake(PEER, 0, [2, 6]), lambda d: RelayDecision([], d))
+    assert decision is not None and decision.opened == {2: stream[64:96], 6: stream[192:224]}
+    with pytest.raises(BlocksTaken):
+        await store.read_named(PEER, 0, [2])
+    assert (await store.link_stats(PEER)).free_blocks == {0: 6, 1: 8}
+
+
 async def test_a_message_that_fails_authentication_burns_only_what_it_named(store: KeyStore) -> None:
     await feed(store, 16)
     out = await store.hold_blocks(PEER, 1, 2)
