@@ -7,7 +7,8 @@ The points (docs/design.md, crash safety): ``kill-after-collect`` (a ``dec_keys`
 ``relay-kill-before-commit`` (an intermediate forwarded a message, what it named not yet consumed),
 ``relay-kill-after-accept`` (a received hop message committed, its caller not answered),
 ``relay-kill-after-forward`` (the next hop answered, the previous one not yet) and
-``relay-kill-before-answer`` (the relay succeeded, the master SAE not answered).
+``relay-kill-before-answer`` (the relay succeeded, the master SAE not answered, or for a refill of keys
+relayed ahead, the keys not yet in the buffer).
 """
 
 from __future__ import annotations

@@ -116,8 +116,16 @@ class RelayMetrics(Collector):
             "Relay hop messages received: accepted, malformed, replay, tampered, unavailable",
             labels=("outcome",),
         )
+        prefetch = CounterMetricFamily(
+            "qkdtls_kme_relay_prefetch_keys",
+            "Keys for SAEs behind other KMEs with [relay] prefetch on: hit (handed out relayed ahead), miss "
+            "(relayed on demand), relayed (relayed ahead), expired (dropped unused after prefetch_max_age)",
+            labels=("outcome",),
+        )
         stats = self.stats
         if stats is not None:
+            for outcome, count in sorted(stats.prefetch.items()):
+                prefetch.add_metric((outcome,), count)
             for (peer, purpose, mode), nbytes in sorted(stats.consumed.items()):
                 consumed.add_metric((str(peer), purpose, mode), nbytes)
             for (mode, outcome), count in sorted(stats.relays.items()):
@@ -127,6 +135,7 @@ class RelayMetrics(Collector):
         yield consumed
         yield relays
         yield hops
+        yield prefetch
 
 
 class KmeMetrics:

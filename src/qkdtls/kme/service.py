@@ -57,6 +57,7 @@ from qkdtls.kme.relay.hop import key_block_count, mac_block_count
 from qkdtls.kme.relay.messages import RelayItem
 from qkdtls.kme.relay.node import Destination, DirectLinks, HopReply, Plan, RelayFailed, RelayNode, Router
 from qkdtls.kme.relay.policy import RelayChoice, RelaySettings, choose, unsupported_mandatory
+from qkdtls.kme.relay.prefetch import BufferKey, Prefetcher
 from qkdtls.kme.reservation import Reservation, ReservedKey
 from qkdtls.kme.store import (
     Block,
@@ -208,6 +209,12 @@ class KmeService:
             neighbours=neighbours,
             check_destination=self._relay_destination,
             faults=self._faults,
+        )
+        self.prefetch = Prefetcher(
+            self._relay_ahead,
+            max_age=settings.relay.prefetch_max_age,
+            idle=settings.relay.prefetch_idle,
+            counts=self.relay.stats.prefetch,
         )
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -498,6 +505,12 @@ class KmeService:
     async def _enc_relay(
         self, master: int, slaves: tuple[int, ...], number: int, size: int, plans: Sequence[Plan]
     ) -> list[Key]:
+        holders = key_holders(master, slaves)
+        if len(plans) == 1 and len(slaves) == 1:
+            target = self.settings.relay.policy(plans[0].destination).prefetch
+            ready = self.prefetch.take(BufferKey(master, slaves[0], size, plans[0].choice), target, number)
+            if ready is not None:
+                return [Key(key_ID=key_id, key=data, key_extension=holders) for key_id, data in ready]
         try:
             pairs = await self.relay.originate(master, slaves, size, number, plans, self._make_id)
         except RelayFailed as exc:
@@ -508,8 +521,15 @@ class KmeService:
             raise self._refuse(exc.reason, exc.message) from None
         except StoreError:
             raise UnavailableError("key store unavailable") from None
-        holders = key_holders(master, slaves)
         return [Key(key_ID=key_id, key=data, key_extension=holders) for key_id, data in pairs]
+
+    async def _relay_ahead(self, key: BufferKey, number: int) -> list[tuple[str, bytes]]:
+        """Relay ``number`` keys for a prefetch buffer (kme/relay/prefetch.py) on today's path(s)."""
+        slave = self._sae_entry(key.slave)
+        if slave is None:
+            raise RelayFailed(f"SAE {key.slave} is unknown")
+        plan = self.relay.plan(slave.kme_id, key.choice, number, key.size)
+        return await self.relay.originate(key.master, (key.slave,), key.size, number, [plan], self._make_id)
 
     async def _relay_capacity(self, destination: int, size: int) -> int:
         """Keys of ``size`` bits one enc_keys could relay to ``destination`` now: the fewest any link of the
@@ -759,6 +779,7 @@ class KmeService:
 
     async def close(self) -> None:
         """Close the store (the service owns it from construction on)."""
+        await self.prefetch.close()
         await self.relay.close()
         await self.store.close()
 

@@ -85,6 +85,16 @@ async def relay_until_ok(master: Caller, slave: int, doc: dict[str, Any], deadli
         await asyncio.sleep(0.1)
 
 
+async def reserved_keys(bed: Testbed, kme: int) -> int:
+    """Keys stored at KME ``kme`` and not yet collected (the admin links page, summed over its links)."""
+    who = admin(bed, kme)
+    try:
+        links = (await who.get("/api/v1/admin/links")).json["links"]
+    finally:
+        await who.close()
+    return sum(link["reserved_keys"] for link in links)
+
+
 def link_stream(bed: Testbed, a: int, b: int) -> bytes:
     """Every byte written to link a-b so far (both ends hold the same), in import order."""
     folder = bed.links[(min(a, b), max(a, b))].folders[0]

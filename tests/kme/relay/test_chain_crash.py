@@ -38,6 +38,7 @@ from .network import (
     ledger_env,
     make_bed,
     relay_until_ok,
+    reserved_keys,
     routed,
 )
 
@@ -90,15 +91,6 @@ async def chain_up(bed: Testbed) -> None:
             await who.close()
 
 
-async def reserved_at_4(bed: Testbed) -> int:
-    who = admin(bed, 4)
-    try:
-        links = (await who.get("/api/v1/admin/links")).json["links"]
-    finally:
-        await who.close()
-    return sum(link["reserved_keys"] for link in links)
-
-
 POINTS = [
     (1, "relay-kill-after-spend"),  # the origin burnt the MAC keys; the message never left
     # KME 2 forwarded under pool pads, what KME 1 named is still free there. At the second relay: the first
@@ -126,7 +118,7 @@ async def test_kill_9_at_each_point_of_a_relay(bed: Testbed) -> None:
             await chain_up(bed)
             if point.endswith("@2"):
                 await _relay_and_collect(master, slave, tally)
-            orphans = await reserved_at_4(bed) if victim != 4 else None
+            orphans = await reserved_keys(bed, 4) if victim != 4 else None
             proc = bed.kmes[victim].proc
             assert proc is not None
             # Routing may still be settling after the restart (a neighbour declaring the restarted KME dead a
@@ -153,10 +145,10 @@ async def test_kill_9_at_each_point_of_a_relay(bed: Testbed) -> None:
             if orphans is not None and point in ORPHANING:
                 # Stored at KME 4 but never answered: they wait unused until reservation_ttl.
                 for _ in range(100):  # KMEs after the victim may still be finishing the relay
-                    if await reserved_at_4(bed) == orphans + 2:
+                    if await reserved_keys(bed, 4) == orphans + 2:
                         break
                     await asyncio.sleep(0.05)
-                assert await reserved_at_4(bed) == orphans + 2, point
+                assert await reserved_keys(bed, 4) == orphans + 2, point
             await _relay_and_collect(master, slave, tally)
         finally:
             await master.close()

@@ -35,6 +35,12 @@ MAX_PATHS = 16
 # Without a router (direct links only); with one, its ``max_hops`` ([network] max_hops) bounds every path.
 DEFAULT_MAX_HOPS = 8
 DEFAULT_TIMEOUT = 10.0
+# Keys relayed ahead (kme/relay/prefetch.py): per pair at most MAX_PREFETCH ready, kept at most
+# prefetch_max_age seconds (well below the slave KMEs' reservation_ttl, 600 s by default), refilled while
+# the pair was used in the last prefetch_idle seconds.
+MAX_PREFETCH = 4096
+DEFAULT_PREFETCH_MAX_AGE = 60.0
+DEFAULT_PREFETCH_IDLE = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,7 @@ class RelayPolicy:
     fallback: bool = False  # spread with too few disjoint paths may go trusted instead
     paths: int = 2
     threshold: int = 0  # 0: all paths (XOR n-of-n)
+    prefetch: int = 0  # keys kept relayed ahead per (master SAE, slave SAE, size, mode); 0: on demand only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -53,6 +60,8 @@ class RelayPolicy:
             raise ValueError(f"paths must lie within 2..{MAX_PATHS}")
         if self.threshold and not 2 <= self.threshold <= self.paths:
             raise ValueError("threshold must be 0 (all paths) or lie within 2..paths")
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must lie within 0..{MAX_PREFETCH}")
 
     @property
     def trusted_allowed(self) -> bool:
@@ -65,6 +74,8 @@ class RelaySettings:
     destinations: Mapping[int, RelayPolicy] = field(default_factory=dict)
     # Bound on one relay, from the master's enc_keys to the answer from the last hop.
     timeout: float = DEFAULT_TIMEOUT
+    prefetch_max_age: float = DEFAULT_PREFETCH_MAX_AGE
+    prefetch_idle: float = DEFAULT_PREFETCH_IDLE
 
     def policy(self, destination: int) -> RelayPolicy:
         return self.destinations.get(destination, self.default)
@@ -165,7 +176,10 @@ def _policy(r: _Table, default: RelayPolicy) -> RelayPolicy:
     threshold = r.integer("threshold", default.threshold if default.threshold <= paths else 0, lo=0, hi=paths)
     if threshold == 1:
         raise r.error("threshold", "must be 0 (all paths: XOR) or at least 2")
-    return RelayPolicy(mode=mode, fallback=fallback == "trusted", paths=paths, threshold=threshold)
+    prefetch = r.integer("prefetch", default.prefetch, lo=0, hi=MAX_PREFETCH)
+    return RelayPolicy(
+        mode=mode, fallback=fallback == "trusted", paths=paths, threshold=threshold, prefetch=prefetch
+    )
 
 
 def parse_relay(r: _Table | None) -> RelaySettings:
@@ -174,6 +188,8 @@ def parse_relay(r: _Table | None) -> RelaySettings:
         return RelaySettings()
     default = _policy(r, RelayPolicy())
     timeout = r.number("timeout", DEFAULT_TIMEOUT, hi=300.0)
+    max_age = r.number("prefetch_max_age", DEFAULT_PREFETCH_MAX_AGE, hi=3600.0)
+    idle = r.number("prefetch_idle", DEFAULT_PREFETCH_IDLE, hi=3600.0)
     destinations: dict[int, RelayPolicy] = {}
     for d in r.tables("destinations"):
         kme_id = d.integer("kme_id")
@@ -182,4 +198,10 @@ def parse_relay(r: _Table | None) -> RelaySettings:
         destinations[kme_id] = _policy(d, default)
         d.finish()
     r.finish()
-    return RelaySettings(default=default, destinations=destinations, timeout=timeout)
+    return RelaySettings(
+        default=default,
+        destinations=destinations,
+        timeout=timeout,
+        prefetch_max_age=max_age,
+        prefetch_idle=idle,
+    )

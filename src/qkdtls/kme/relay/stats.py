@@ -1,5 +1,6 @@
-"""What a relay node counts: relays by mode and outcome, the last paths used, and the link material it
-consumed as a sender, per link, purpose and mode (``relay_stats()`` and the Prometheus metrics)."""
+"""What a relay node counts: relays by mode and outcome, the last paths used, the link material it
+consumed as a sender, per link, purpose and mode, and keys relayed ahead by outcome (``relay_stats()`` and
+the Prometheus metrics)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class RelayStats:
         self.consumed: Counter[tuple[int, str, str]] = Counter()  # (peer KME, purpose, mode) -> bytes
         self.hops: Counter[str] = Counter()  # hop messages received: accepted, malformed, replay, ...
         self.last_paths: deque[dict[str, Any]] = deque(maxlen=LAST_PATHS)
+        # Keys of enc_keys for remote SAEs by how they were served (kme/relay/prefetch.py): hit (relayed
+        # ahead), miss (relayed on demand while prefetch is on); relayed: keys relayed ahead; expired: dropped
+        # unused.
+        self.prefetch: Counter[str] = Counter()
 
     def consume(self, peer: int, purpose: str, mode: str, nbytes: int) -> None:
         if nbytes:
@@ -44,4 +49,5 @@ class RelayStats:
                 for (peer, purpose, mode), nbytes in sorted(self.consumed.items())
             ],
             "hops": dict(sorted(self.hops.items())),
+            "prefetch": dict(sorted(self.prefetch.items())),
         }
