@@ -22,6 +22,10 @@ Each measurement of a row is paired with a measurement of the direct link taken 
 direct" and "+ms" are medians over those pairs (min-max of the ratios shown): the machine's speed drifts
 between rows more than within a pair. The direct row gathers every direct measurement of that concurrency.
 
+``--prefetch N`` sets ``[relay] prefetch = N`` on every KME: keys relayed ahead in batches, ``enc_keys``
+served from them (docs/design.md, network relay: keys relayed ahead). Each row then also says what share of
+its keys was served that way. The default measures relays on demand.
+
 Targets (docs/design.md, network relay): a 3-hop trusted relay keeps >= 50 % of the direct link's cycles per
 second at concurrency 8, and its p50 latency is <= 3 ms plus the direct link's.
 """
@@ -107,6 +111,7 @@ class Run:
     cpu: float
     latencies: list[float]
     consumed: Counter[tuple[int, int, str]]  # (sender, receiver, purpose) -> bytes
+    prefetch: Counter[str]  # keys for remote SAEs by outcome: hit (relayed ahead), miss (on demand), ...
 
     @property
     def rate(self) -> float:
@@ -159,9 +164,11 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _consumed(bed: Testbed) -> Counter[tuple[int, int, str]]:
-    """Relay bytes every KME consumed as a sender, per directed link and purpose."""
+async def _scrape(bed: Testbed) -> tuple[Counter[tuple[int, int, str]], Counter[str]]:
+    """Relay bytes every KME consumed as a sender, per directed link and purpose; the master's KME's keys
+    relayed ahead by outcome (``--prefetch``)."""
     out: Counter[tuple[int, int, str]] = Counter()
+    prefetch: Counter[str] = Counter()
     for kme in KMES:
         async with _client(bed, None, 1, kme=kme) as admin:
             text = (await admin.request("GET", "/metrics")).body.decode()
@@ -171,7 +178,10 @@ async def _consumed(bed: Testbed) -> Counter[tuple[int, int, str]]:
                 peer = int(labels.split('peer_kme="', 1)[1].split('"', 1)[0])
                 purpose = labels.split('purpose="', 1)[1].split('"', 1)[0]
                 out[(kme, peer, purpose)] += int(float(value))
-    return out
+            elif kme == bed.kme_of(MASTER) and line.startswith("qkdtls_kme_relay_prefetch_keys_total{"):
+                labels, value = line.rsplit(" ", 1)
+                prefetch[labels.split('outcome="', 1)[1].split('"', 1)[0]] += int(float(value))
+    return out, prefetch
 
 
 async def _measure(bed: Testbed, slave: int, doc: dict[str, Any], concurrency: int, duration: float) -> Run:
@@ -200,7 +210,7 @@ async def _measure(bed: Testbed, slave: int, doc: dict[str, Any], concurrency: i
         await asyncio.gather(*(cycle() for _ in range(concurrency)))  # warm-up: connections, paths
         latencies.clear()
         pids = [p for p in (bed.pid(k) for k in KMES) if p is not None]
-        before = await _consumed(bed)
+        before, ahead = await _scrape(bed)
         cpu0 = sum(_cpu_seconds(p) for p in pids)
         started = time.perf_counter()
         deadline = started + duration
@@ -212,8 +222,8 @@ async def _measure(bed: Testbed, slave: int, doc: dict[str, Any], concurrency: i
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
         cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
-        consumed = await _consumed(bed) - before
-    return Run(len(latencies), seconds, cpu, latencies, consumed)
+        after, ahead_after = await _scrape(bed)
+    return Run(len(latencies), seconds, cpu, latencies, after - before, ahead_after - ahead)
 
 
 async def _wait_routes(bed: Testbed, timeout: float = 120.0) -> None:
@@ -232,7 +242,10 @@ async def _wait_routes(bed: Testbed, timeout: float = 120.0) -> None:
 def _links_text(row: Row) -> str:
     per = row.per_key()
     hops = sorted({hop for hop, _ in per})
-    return " ".join(f"h{h} {per.get((h, 'value'), 0):.0f}+{per.get((h, 'mac'), 0):.0f}" for h in hops)
+    text = " ".join(f"h{h} {per.get((h, 'value'), 0):.0f}+{per.get((h, 'mac'), 0):.0f}" for h in hops)
+    hits = sum(r.prefetch["hit"] for r in row.runs)
+    asked = hits + sum(r.prefetch["miss"] for r in row.runs)
+    return f"{text}  relayed ahead: {hits / asked:.0%}" if asked else text
 
 
 async def _run(args: argparse.Namespace, root: Path) -> list[Row]:
@@ -245,7 +258,10 @@ async def _run(args: argparse.Namespace, root: Path) -> list[Row]:
         local_key_bytes=0,
         event_loop=args.event_loop,
         service={"recollect_window": 0},  # a cycle's collection erases its key at once
+        kme_config={"relay": {"prefetch": args.prefetch}} if args.prefetch else None,
     )
+    # The direct link is measured before every measurement of every row and carries relays too.
+    bed.add_key_material(args.key_bytes, link=LINKS[0])
     t0 = time.perf_counter()
     await asyncio.to_thread(bed.start, 600.0)
     await _wait_routes(bed)
@@ -321,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--key-bytes", type=int, default=16 << 20, help="key material per link")
     parser.add_argument("--root", type=Path, help="keep the testbed here (default: a temporary directory)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="[relay] prefetch of every KME: keys relayed ahead per SAE pair (0: on demand, the default)",
+    )
     parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     parser.add_argument(
         "--rows",
