@@ -13,7 +13,14 @@ import pytest
 from qkdtls.etsi014.models import KeyRequest
 from qkdtls.kme.relay.messages import decode_message
 from qkdtls.kme.relay.policy import RelayChoice, RelayPolicy, RelaySettings
-from qkdtls.kme.relay.prefetch import MAX_REFILL, RETRY_AFTER, BufferKey, KeyBuffer, Prefetcher
+from qkdtls.kme.relay.prefetch import (
+    MAX_PER_MASTER,
+    MAX_REFILL,
+    RETRY_AFTER,
+    BufferKey,
+    KeyBuffer,
+    Prefetcher,
+)
 
 from .inprocess import Net, chain
 
@@ -108,6 +115,39 @@ async def test_ready_keys_expire_and_an_idle_pair_is_not_refilled() -> None:
     assert buffer.wanted(clock.now) == 8
 
 
+async def test_ready_keys_leave_memory_after_max_age_even_if_nobody_asks() -> None:
+    relay = FakeRelay()
+    pre = Prefetcher(relay, max_age=0.05, idle=30.0)
+    pre.take(KEY, 8, 1)
+    await settle()
+    assert pre.ready(KEY) == 8
+    async with asyncio.timeout(5):
+        while pre.ready(KEY):
+            await asyncio.sleep(0.01)
+    assert pre.counts["expired"] == 8 and pre.counts.get("hit", 0) == 0
+    await pre.close()
+
+
+async def test_a_master_cycling_through_sizes_or_slaves_gets_a_bounded_number_of_buffers() -> None:
+    relay, clock = FakeRelay(), Clock()
+    pre = Prefetcher(relay, max_age=600.0, idle=30.0, clock=clock)
+    for i in range(1, 40):  # each request asks for another size, then another slave
+        key = BufferKey(1001, 4001 + i // 20, 8 * (i % 20 + 1), KEY.choice)
+        assert pre.take(key, 64, 1) is None
+        await settle()
+    # One refill per buffer, and no more than MAX_PER_MASTER buffers: not 64 keys relayed per request.
+    assert len(relay.calls) == MAX_PER_MASTER
+    other = BufferKey(2002, 4001, 256, KEY.choice)  # another master SAE is not affected
+    pre.take(other, 64, 1)
+    await settle()
+    assert len(relay.calls) == MAX_PER_MASTER + 1
+    clock.now += 31.0  # its buffers idle: a new one may replace the oldest (whose keys are dropped)
+    pre.take(BufferKey(1001, 4001, 4096, KEY.choice), 64, 1)
+    await settle()
+    assert len(relay.calls) == MAX_PER_MASTER + 2 and pre.counts["expired"] == 64
+    await pre.close()
+
+
 async def test_a_failed_refill_is_retried_after_a_pause() -> None:
     relay, clock = FakeRelay(), Clock()
     relay.fail = True
@@ -170,12 +210,13 @@ async def test_keys_relayed_ahead_are_the_slaves_keys_and_travel_in_batches(four
     one, four_ = four.services[1], four.services[4]
     first = await one.enc_keys(1001, "4001", KeyRequest(number=1))  # on demand; the buffer starts filling
     await _wait_ready(four, 8)
-    messages_before = len(four.sent)
+    relayed_before = {k for s in four.sent for item in decode_message(s.body).items for k in item.key_ids}
     handed = list(first.keys)
     for _ in range(6):
         handed.extend((await one.enc_keys(1001, "4001", KeyRequest(number=1))).keys)
-    # Six keys from the buffer: no hop message on the request path.
-    assert len(four.sent) == messages_before
+    # Six keys from the buffer: every one crossed the links before it was asked for.
+    assert {k.key_ID for k in handed[1:]} <= relayed_before
+    assert first.keys[0].key_ID in relayed_before
     await _wait_ready(four, 8)  # a refill of the six (at least a quarter of the target was missing)
     got = await four_.dec_keys(4001, "1001", [k.key_ID for k in handed])
     assert [k.key for k in got.keys] == [k.key for k in handed]

@@ -3,12 +3,13 @@ per (master SAE, slave SAE, key size, relay mode), already stored at the slave's
 from them.
 
 Why: a relay's cost is per hop message, not per key. Every hop decodes, verifies, re-encrypts, commits and
-makes an HTTPS exchange (about 0.7 ms of CPU at an intermediate KME here), and a closed loop of eight
-requesters puts about four keys in a message, so a 3-hop relay on demand delivers about 45 % of a direct
-link's key cycles (docs/design.md, network relay, "Measured"). Relayed ahead, a batch of up to ``prefetch``
-keys travels in one message per hop, and ``enc_keys`` no longer waits for the path at all. This is how
-trusted-node networks serve busy SAE pairs that are several links apart: end-to-end keys are relayed into a
-store at both ends before applications ask.
+makes an HTTPS exchange (about 1 ms of CPU per message at an intermediate KME here, whatever it carries),
+and a closed loop of eight requesters puts about four keys in a message, so a 3-hop relay on demand
+delivers 34-46 % of a direct link's key cycles (``bench.relay``; docs/design.md, network relay, "Measured").
+Relayed ahead, a batch of up to ``prefetch`` keys travels in one message per hop, and ``enc_keys`` no longer
+waits for the path: 97-108 % of the direct link with ``prefetch = 64``. This is how trusted-node networks
+serve busy SAE pairs that are several links apart: end-to-end keys are relayed into a store at both ends
+before applications ask.
 
 What it changes, plainly:
 
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 MAX_REFILL = 256
 # A refill that failed (no path, no stock, quota at the slave's KME) is not tried again sooner than this.
 RETRY_AFTER = 1.0
-# Pairs with a buffer at once; the least recently used idle one makes room.
+# Buffers at once, per master SAE and in all (sizes, slaves and modes each have their own): beyond, a buffer
+# idle for prefetch_idle seconds makes room, or requests go on demand.
+MAX_PER_MASTER = 8
 MAX_BUFFERS = 1024
 
 Ready = list[tuple[str, bytes]]  # (key ID, key), in the order they were relayed
@@ -115,6 +118,10 @@ class KeyBuffer:
     def clear(self) -> None:
         self._keys.clear()
 
+    def oldest(self) -> float | None:
+        """When the oldest ready key was relayed (None: none ready)."""
+        return self._keys[0][0] if self._keys else None
+
 
 Refill = Callable[[BufferKey, int], Awaitable[Ready]]
 
@@ -137,6 +144,7 @@ class Prefetcher:
         self._clock = clock
         self._buffers: dict[BufferKey, KeyBuffer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
         # Keys by outcome: hit (handed out from a buffer), miss (relayed on demand), relayed (ahead),
         # expired (dropped unused from memory). RelayStats.prefetch when given (metrics, relay_stats()).
@@ -154,7 +162,9 @@ class Prefetcher:
         now = self._clock()
         buffer = self._buffers.get(key)
         if buffer is None:
-            self._make_room(now)
+            if not self._room_for(key, now):
+                self.counts["miss"] += number
+                return None
             buffer = self._buffers[key] = KeyBuffer(target, self.max_age, self.idle, now)
         buffer.target = target
         self.counts["expired"] += buffer.expire(now)
@@ -163,14 +173,27 @@ class Prefetcher:
         self._schedule(key, buffer, now)
         return got
 
-    def _make_room(self, now: float) -> None:
-        if len(self._buffers) < MAX_BUFFERS:
-            return
-        idle = [k for k, b in self._buffers.items() if not b.refilling]
-        if idle:
-            oldest = min(idle, key=lambda k: self._buffers[k].last_used)
-            self.counts["expired"] += len(self._buffers[oldest])
-            self._buffers.pop(oldest).clear()
+    def _room_for(self, key: BufferKey, now: float) -> bool:
+        """Whether a new buffer may start: at most :data:`MAX_PER_MASTER` per master SAE and
+        :data:`MAX_BUFFERS` in all. When full, a buffer idle longer than ``idle`` (its keys dropped) makes
+        room; else none, and the request goes on demand. A master SAE that cycles through sizes or slaves
+        so makes the KME relay ahead at most MAX_PER_MASTER buffers' worth per ``idle`` seconds, not a
+        buffer per request."""
+        mine = [k for k in self._buffers if k.master == key.master]
+        if len(mine) < MAX_PER_MASTER and len(self._buffers) < MAX_BUFFERS:
+            return True
+        candidates = mine if len(mine) >= MAX_PER_MASTER else list(self._buffers)
+        idle = [
+            k
+            for k in candidates
+            if not self._buffers[k].refilling and now - self._buffers[k].last_used > self.idle
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda k: self._buffers[k].last_used)
+        self.counts["expired"] += len(self._buffers[oldest])
+        self._buffers.pop(oldest).clear()
+        return True
 
     def _schedule(self, key: BufferKey, buffer: KeyBuffer, now: float) -> None:
         number = buffer.wanted(now)
@@ -203,15 +226,37 @@ class Prefetcher:
                 return  # evicted or shutting down: the keys are dropped (they expire at the slave's KME)
             buffer.add(keys, started)
             self.counts["relayed"] += len(keys)
+            self._arm(started)
         finally:
             buffer.refilling = False
         now = self._clock()
         self.counts["expired"] += buffer.expire(now)
         self._schedule(key, buffer, now)
 
+    def _arm(self, oldest: float) -> None:
+        """Sweep when the key relayed at ``oldest`` reaches ``max_age``, unless a sweep is already due:
+        ready keys leave memory on time even for a pair nobody asks for any more."""
+        if self._sweeper is None and not self._closed:
+            delay = max(oldest + self.max_age - self._clock(), 0.0) + 0.01
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self._clock()
+        for key, buffer in list(self._buffers.items()):
+            self.counts["expired"] += buffer.expire(now)
+            if not len(buffer) and not buffer.refilling and now - buffer.last_used > self.idle:
+                del self._buffers[key]
+        times = [t for t in (b.oldest() for b in self._buffers.values()) if t is not None]
+        if times:
+            self._arm(min(times))
+
     async def close(self) -> None:
         """Stop refilling and drop every ready key."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
