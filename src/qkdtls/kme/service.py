@@ -285,7 +285,7 @@ class KmeService:
         self._caller(caller_sae)
         slave = self._known_sae(slave_sae, "slave SAE ID")
         if self._relayed(slave.kme_id, RelayChoice(self.settings.relay.policy(slave.kme_id).mode)):
-            count = await self._relay_capacity(slave.kme_id, s.key_size)
+            count = await self._relay_capacity(slave.kme_id, s.key_size, (caller_sae, slave.sae_id))
         else:
             link = self._link_to(slave.kme_id)
             try:
@@ -531,15 +531,17 @@ class KmeService:
         plan = self.relay.plan(slave.kme_id, key.choice, number, key.size)
         return await self.relay.originate(key.master, (key.slave,), key.size, number, [plan], self._make_id)
 
-    async def _relay_capacity(self, destination: int, size: int) -> int:
+    async def _relay_capacity(self, destination: int, size: int, pair: tuple[int, int] | None = None) -> int:
         """Keys of ``size`` bits one enc_keys could relay to ``destination`` now: the fewest any link of the
         path(s) the default mode would use can pay for (this KME's links from its store, others as
-        advertised; a link whose stock is not advertised does not limit the count)."""
+        advertised; a link whose stock is not advertised does not limit the count), plus the keys ready for
+        ``pair`` (master SAE, slave SAE) when keys are relayed ahead."""
         choice = choose(self.settings.relay.policy(destination))
         try:
             plan = self.relay.plan(destination, choice, 1, size)
         except RelayFailed:
             return 0
+        ready = self.prefetch.ready(BufferKey(*pair, size, plan.choice)) if pair is not None else 0
         bs = self.settings.block_size
         mac, bpk, nbytes = mac_block_count(bs), key_block_count(size, bs), size // 8
         first_blocks = plan.choice.mode == "trusted" or plan.choice.scheme == "xor"
@@ -558,7 +560,7 @@ class KmeService:
                 usable = max(stock - mac, 0)
                 keys = usable // bpk if hop == 0 and first_blocks else usable * bs // nbytes
                 best = keys if best is None else min(best, keys)
-        return best or 0
+        return (best or 0) + ready
 
     def _relay_destination(self, item: RelayItem) -> Destination:
         """Checks of a relay item that ends here, before anything is consumed (BadRequestError: 400)."""

@@ -266,3 +266,11 @@ async def test_a_restarted_origin_hands_out_none_of_the_keys_it_had_ready(four: 
     # The keys that were ready still wait at KME 4 (until reservation_ttl), handed to nobody.
     orphans = await four_.dec_keys(4001, "1001", sorted(ready))
     assert len(orphans.keys) == 8
+
+
+async def test_status_counts_the_keys_ready_for_the_pair(four: Net) -> None:
+    one = four.services[1]
+    await one.enc_keys(1001, "4001", KeyRequest(number=1))
+    await _wait_ready(four, 8)
+    relayable = await one._relay_capacity(4, 256)  # what the links can pay for, nothing ready counted
+    assert (await one.status(1001, "4001")).stored_key_count == relayable + 8
