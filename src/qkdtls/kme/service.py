@@ -529,6 +529,8 @@ class KmeService:
         if slave is None:
             raise RelayFailed(f"SAE {key.slave} is unknown")
         plan = self.relay.plan(slave.kme_id, key.choice, number, key.size)
+        if plan.choice != key.choice:  # a spread that would fall back to trusted now: not for this buffer
+            raise RelayFailed(f"a {key.choice.mode} relay to KME {slave.kme_id} is not possible now")
         return await self.relay.originate(key.master, (key.slave,), key.size, number, [plan], self._make_id)
 
     async def _relay_capacity(self, destination: int, size: int, pair: tuple[int, int] | None = None) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from qkdtls.etsi014.models import KeyRequest
 from qkdtls.kme.relay.messages import decode_message
+from qkdtls.kme.relay.node import RelayFailed
 from qkdtls.kme.relay.policy import RelayChoice, RelayPolicy, RelaySettings
 from qkdtls.kme.relay.prefetch import (
     MAX_PER_MASTER,
@@ -22,7 +23,7 @@ from qkdtls.kme.relay.prefetch import (
     Prefetcher,
 )
 
-from .inprocess import Net, chain
+from .inprocess import Net, chain, network
 
 KEY = BufferKey(1001, 4001, 256, RelayChoice("trusted"))
 
@@ -274,3 +275,24 @@ async def test_status_counts_the_keys_ready_for_the_pair(four: Net) -> None:
     await _wait_ready(four, 8)
     relayable = await one._relay_capacity(4, 256)  # what the links can pay for, nothing ready counted
     assert (await one.status(1001, "4001")).stored_key_count == relayable + 8
+
+
+async def test_a_spread_buffer_is_never_refilled_with_keys_that_fell_back_to_trusted(tmp_path: Path) -> None:
+    # A square: two node-disjoint paths from KME 1 to KME 4, spread allowed to fall back to trusted.
+    relay = RelaySettings(default=RelayPolicy(mode="spread", fallback=True, prefetch=8))
+    net = await network(tmp_path, [(1, 2), (2, 4), (1, 3), (3, 4)], relay=relay)
+    try:
+        one = net.services[1]
+        await one.enc_keys(1001, "4001", KeyRequest(number=1))
+        spread_key = BufferKey(1001, 4001, 256, RelayChoice("spread", 2, 2, fallback=True))
+        async with asyncio.timeout(10):
+            while one.prefetch.ready(spread_key) < 8:
+                await asyncio.sleep(0.01)
+        net.routers[1].down.add(frozenset((3, 4)))  # one path left: a spread would go trusted now
+        with pytest.raises(RelayFailed, match="spread relay to KME 4 is not possible now"):
+            await one._relay_ahead(spread_key, 4)
+        # Requests now plan trusted: they use (and fill) a trusted buffer, never the spread one.
+        await one.enc_keys(1001, "4001", KeyRequest(number=1))
+        assert one.prefetch.ready(spread_key) == 8
+    finally:
+        await net.close()
