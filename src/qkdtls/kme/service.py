@@ -506,8 +506,8 @@ class KmeService:
         self, master: int, slaves: tuple[int, ...], number: int, size: int, plans: Sequence[Plan]
     ) -> list[Key]:
         holders = key_holders(master, slaves)
-        if len(plans) == 1 and len(slaves) == 1:
-            target = self.settings.relay.policy(plans[0].destination).prefetch
+        target = self.settings.relay.policy(plans[0].destination).prefetch if len(plans) == 1 else 0
+        if target and len(slaves) == 1:
             ready = self.prefetch.take(BufferKey(master, slaves[0], size, plans[0].choice), target, number)
             if ready is not None:
                 return [Key(key_ID=key_id, key=data, key_extension=holders) for key_id, data in ready]

@@ -4,6 +4,7 @@ clock), then across KME services wired in-process with real SQLite stores."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,6 +61,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def filled(relay: FakeRelay, max_age: float = 60.0, clock: Clock | None = None) -> Prefetcher:
+    """A prefetcher whose buffer for KEY holds 8 keys (one refill: the first request went on demand)."""
+    pre = Prefetcher(relay, max_age=max_age, idle=30.0, clock=clock or time.monotonic)
+    assert pre.take(KEY, 8, 1) is None
+    await settle()
+    assert pre.ready(KEY) == 8 and relay.calls == [8]
+    return pre
+
+
 async def test_each_ready_key_is_handed_out_once_and_refills_come_in_batches() -> None:
     relay = FakeRelay()
     pre = Prefetcher(relay, max_age=60.0, idle=30.0)
@@ -82,11 +92,7 @@ async def test_each_ready_key_is_handed_out_once_and_refills_come_in_batches() -
 
 
 async def test_more_than_the_target_or_a_closed_prefetcher_goes_on_demand() -> None:
-    relay = FakeRelay()
-    pre = Prefetcher(relay, max_age=60.0, idle=30.0)
-    pre.take(KEY, 8, 1)
-    await settle()
-    assert pre.ready(KEY) == 8
+    pre = await filled(FakeRelay())
     assert pre.take(KEY, 8, 9) is None  # more than the buffer can ever hold
     assert pre.take(KEY, 0, 1) is None  # prefetch off for this destination
     assert pre.take(BufferKey(1001, 4001, 512, KEY.choice), 8, 1) is None  # another size: its own buffer
@@ -98,10 +104,7 @@ async def test_more_than_the_target_or_a_closed_prefetcher_goes_on_demand() -> N
 
 async def test_ready_keys_expire_and_an_idle_pair_is_not_refilled() -> None:
     relay, clock = FakeRelay(), Clock()
-    pre = Prefetcher(relay, max_age=60.0, idle=30.0, clock=clock)
-    pre.take(KEY, 8, 1)
-    await settle()
-    assert pre.ready(KEY) == 8 and relay.calls == [8]
+    pre = await filled(relay, clock=clock)
     clock.now += 60.0  # max_age: the ready keys are dropped from memory, never handed out
     assert pre.take(KEY, 8, 1) is None
     assert pre.counts["expired"] == 8
@@ -117,11 +120,7 @@ async def test_ready_keys_expire_and_an_idle_pair_is_not_refilled() -> None:
 
 
 async def test_ready_keys_leave_memory_after_max_age_even_if_nobody_asks() -> None:
-    relay = FakeRelay()
-    pre = Prefetcher(relay, max_age=0.05, idle=30.0)
-    pre.take(KEY, 8, 1)
-    await settle()
-    assert pre.ready(KEY) == 8
+    pre = await filled(FakeRelay(), max_age=0.05)
     async with asyncio.timeout(5):
         while pre.ready(KEY):
             await asyncio.sleep(0.01)

@@ -106,7 +106,7 @@ async def test_kill_9_of_the_origin_during_a_refill_and_with_keys_ready(bed: Tes
         await routed(master, 3001)
         # 2. Served from the buffer, then killed with keys ready.
         await _use(master, slave, tally, 1)
-        ready = await _ready(bed)
+        await _ready(bed)
         await _use(master, slave, tally, 12)
         assert await _metric(bed, 1, "hit") >= 8
         ready = await _ready(bed)

@@ -3,7 +3,7 @@ per (master SAE, slave SAE, key size, relay mode), already stored at the slave's
 from them.
 
 Why: a relay's cost is per hop message, not per key. Every hop decodes, verifies, re-encrypts, commits and
-makes an HTTPS exchange (about 1 ms of CPU per message at an intermediate KME here, whatever it carries),
+makes an HTTPS exchange (0.7-1 ms of CPU per message at an intermediate KME here),
 and a closed loop of eight requesters puts about four keys in a message, so a 3-hop relay on demand
 delivers 34-46 % of a direct link's key cycles (``bench.relay``; docs/design.md, network relay, "Measured").
 Relayed ahead, a batch of up to ``prefetch`` keys travels in one message per hop, and ``enc_keys`` no longer
